@@ -1,0 +1,200 @@
+"""Save and load DeciLM checkpoints: safetensors + config.json + the modeling source + tokenizer.
+
+A saved directory loads anywhere with
+    AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
+because `register_for_auto_class` makes transformers copy `modeling_decilm.py` and
+`configuration_decilm.py` beside the weights and write `auto_map` into config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import PuzzleError
+from ..model import BlockConfigError, DeciLMConfig, DeciLMForCausalLM
+
+DeciLMConfig.register_for_auto_class()
+DeciLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise PuzzleError(f"unknown dtype {name!r} (accepted: {', '.join(_DTYPES)})")
+    return _DTYPES[name]
+
+
+def save_checkpoint(model: DeciLMForCausalLM, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write the checkpoint into `out_dir` atomically (a temp folder renamed at the end)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _check_checkpoint_dir(path: Path) -> dict:
+    if not path.is_dir():
+        raise PuzzleError(f"checkpoint {str(path)!r} not found (expected a directory with config.json and *.safetensors)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise PuzzleError(f"{path}: missing config.json")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise PuzzleError(f"{config_file}: not valid JSON ({exc})") from None
+    if raw.get("model_type") != "nemotron-nas":
+        raise PuzzleError(
+            f"{path}: model_type={raw.get('model_type')!r} is not a DeciLM checkpoint (accepted: nemotron-nas); "
+            "convert it first with `puzzlenas convert`"
+        )
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise PuzzleError(f"{path}: no *.safetensors weight file")
+    for f in files:  # a truncated file fails here with a clear name, not deep inside torch
+        try:
+            with safe_open(f, "pt") as handle:
+                for name in handle.keys():
+                    handle.get_slice(name)
+        except SafetensorError as exc:
+            raise PuzzleError(f"{f}: unreadable or truncated safetensors file ({exc})") from None
+    return raw
+
+
+def load_config(path: str | Path) -> DeciLMConfig:
+    path = Path(path)
+    _check_checkpoint_dir(path)
+    try:
+        return DeciLMConfig.from_pretrained(path)
+    except BlockConfigError as exc:
+        raise PuzzleError(f"{path / 'config.json'}: {exc}") from None
+
+
+def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None) -> DeciLMForCausalLM:
+    path = Path(path)
+    config = load_config(path)
+    kwargs = {"dtype": parse_dtype(dtype)} if dtype is not None else {}
+    try:
+        model = DeciLMForCausalLM.from_pretrained(path, config=config, **kwargs)
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
+        raise PuzzleError(f"could not load {path}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+# --- inspection ---------------------------------------------------------------------------
+
+
+def attention_params(config: DeciLMConfig, kind: str, num_key_value_heads: int | None = None) -> int:
+    """Parameters of one attention sub-block, its norm included."""
+    hidden, head_dim, heads = config.hidden_size, config.head_dim, config.num_attention_heads
+    if kind == "no_op":
+        return 0
+    if kind == "linear":
+        return hidden * hidden + hidden
+    q, kv = heads * head_dim, num_key_value_heads * head_dim
+    n = hidden * (q + 2 * kv) + q * hidden + hidden
+    n += (q + 2 * kv) if config.qkv_bias else 0
+    n += hidden if config.o_proj_bias else 0
+    n += 2 * head_dim if config.qk_norm else 0
+    return n
+
+
+def ffn_params(config: DeciLMConfig, kind: str, intermediate_size: int | None = None) -> int:
+    """Parameters of one FFN sub-block, its norm included."""
+    hidden = config.hidden_size
+    if kind == "no_op":
+        return 0
+    if kind == "linear":
+        return hidden * hidden + hidden
+    n = 3 * hidden * intermediate_size + hidden
+    return n + (2 * intermediate_size + hidden if config.mlp_bias else 0)
+
+
+def kv_bytes_per_token(config: DeciLMConfig, bytes_per_element: int) -> int:
+    return sum(
+        2 * b.attention.num_key_value_heads * config.head_dim * bytes_per_element
+        for b in config.block_configs
+        if b.attention.kind == "gqa"
+    )
+
+
+@dataclass
+class CheckpointSummary:
+    config: DeciLMConfig
+    rows: list[dict]
+    total_params: int
+    weight_bytes: int
+    stored_dtype: str
+    kv_bytes_per_token: int
+
+    def format(self) -> str:
+        lines = [f"{'layer':>5}  {'attention':<10} {'kv':>3}  {'ffn':<7} {'size':>6}  {'params':>12}"]
+        for r in self.rows:
+            lines.append(
+                f"{r['layer']:>5}  {r['attention']:<10} {r['kv'] if r['kv'] is not None else '-':>3}  "
+                f"{r['ffn']:<7} {r['ffn_size'] if r['ffn_size'] is not None else '-':>6}  {r['params']:>12,}"
+            )
+        c = self.config
+        embed = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+        lines += [
+            "",
+            f"layers: {c.num_hidden_layers}  hidden: {c.hidden_size}  heads: {c.num_attention_heads}  "
+            f"head_dim: {c.head_dim}  vocab: {c.vocab_size}  tied embeddings: {c.tie_word_embeddings}",
+            f"parameters: {self.total_params:,} (embeddings + head: {embed:,})",
+            f"weight bytes ({self.stored_dtype}): {self.weight_bytes:,} ({self.weight_bytes / 2**20:.1f} MiB)",
+            f"KV-cache bytes per token ({self.stored_dtype}): {self.kv_bytes_per_token:,}",
+        ]
+        return "\n".join(lines)
+
+
+def checkpoint_summary(path: str | Path) -> CheckpointSummary:
+    """Per-layer architecture and totals, read from config.json and safetensors headers only."""
+    path = Path(path)
+    config = load_config(path)
+    rows = []
+    for i, b in enumerate(config.block_configs):
+        a, f = b.attention, b.ffn
+        rows.append(
+            {
+                "layer": i,
+                "attention": a.kind,
+                "kv": a.num_key_value_heads,
+                "ffn": f.kind,
+                "ffn_size": f.intermediate_size,
+                "params": attention_params(config, a.kind, a.num_key_value_heads)
+                + ffn_params(config, f.kind, f.intermediate_size),
+            }
+        )
+    weight_bytes, total_params, dtypes = 0, 0, set()
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as handle:
+            for name in handle.keys():
+                tensor_slice = handle.get_slice(name)
+                numel = 1
+                for dim in tensor_slice.get_shape():
+                    numel *= dim
+                dtype = tensor_slice.get_dtype()
+                dtypes.add(dtype)
+                total_params += numel
+                weight_bytes += numel * _SAFETENSORS_BYTES.get(dtype, 4)
+    stored = "/".join(sorted(dtypes))
+    element = max(_SAFETENSORS_BYTES.get(d, 4) for d in dtypes)
+    return CheckpointSummary(config, rows, total_params, weight_bytes, stored, kv_bytes_per_token(config, element))
+
+
+_SAFETENSORS_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1}

