@@ -1,0 +1,277 @@
+"""Blockwise local distillation (BLD): train every alternative to imitate its parent sub-block.
+
+    puzzlenas bld CONFIG --workdir W
+    torchrun --nproc-per-node 2 -m puzzlenas bld CONFIG --workdir W
+
+One streaming pass per batch: the frozen parent runs layer by layer and hands each layer's
+alternatives the parent's own input to that sub-block (the residual stream) and its output as the
+target; each alternative minimizes ||y_child - y_parent||^2 / ||y_parent||^2 (normalized MSE).
+The graphs are disjoint, so training them together is exactly training them apart (decoupled
+BLD); every alternative has its own AdamW and gradient clipping.
+
+Resumable: each rank checkpoints its alternatives (weights, optimizer, step) atomically every
+`bld.checkpoint_every` steps; rerunning the same command continues from there, and finished
+blocks (a record in library/blocks/) are never retrained. With torchrun the alternatives are
+split across ranks (gloo on CPU, NCCL on GPU); each rank writes its own blocks, rank 0 the index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..config import PuzzleConfig
+from ..library.init import collect_calibration, init_method_name, initialize, trace_parent
+from ..library.space import Alternative, build_subblock, enumerate_alternatives, is_parent_alternative
+from ..library.store import Library
+from ..utils import atomic_torch_save, autocast_dtype
+
+log = logging.getLogger(__name__)
+
+
+def nmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    pred, target = pred.float(), target.float()
+    return (pred - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    """Linear warm-up, then cosine decay to min_lr_fraction * lr."""
+    warmup = int(cfg.warmup_fraction * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * (cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Sequence indices of a step: epochs of seeded permutations, so any step can be recomputed."""
+    flat = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = flat // n, flat % n
+    out = torch.empty_like(flat)
+    for epoch in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        sel = epochs == epoch
+        out[sel] = perm[offsets[sel]]
+    return out
+
+
+@torch.no_grad()
+def validation_nmse(blocks: dict[Alternative, torch.nn.Module], parent, val_ids: torch.Tensor, batch_size: int = 8) -> dict:
+    """Normalized MSE of each block on validation sequences, in fp32: sum of squared errors over
+    all tokens / sum of squared targets."""
+    if not blocks:
+        return {}
+    device = next(parent.parameters()).device
+    err = {a: 0.0 for a in blocks}
+    ref = {a: 0.0 for a in blocks}
+    layers = {a.layer for a in blocks}
+    by_layer: dict[int, list[Alternative]] = {}
+    for a in blocks:
+        by_layer.setdefault(a.layer, []).append(a)
+    for start in range(0, len(val_ids), batch_size):
+        ids = val_ids[start : start + batch_size].to(device)
+        for layer, a_in, a_out, f_in, f_out, pe in trace_parent(parent, ids, layers):
+            for alt in by_layer[layer]:
+                h, y = (a_in, a_out) if alt.sub == "attention" else (f_in, f_out)
+                pred = blocks[alt](h, pe).float()
+                err[alt] += (pred - y.float()).pow(2).sum().item()
+                ref[alt] += y.float().pow(2).sum().item()
+    return {a: err[a] / max(ref[a], 1e-12) for a in blocks}
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def run(cfg: PuzzleConfig, workdir: str | Path, parent, data, parent_fingerprint: str, progress: bool = True) -> Library:
+    """Train the library in `workdir/library`; returns it. Safe to call again after a kill."""
+    workdir = Path(workdir)
+    rank, world = _dist_info()
+    device = next(parent.parameters()).device
+    library = Library(workdir / "library", parent_fingerprint, data.fingerprint)
+    alternatives = enumerate_alternatives(cfg.search_space, parent.config)
+    trainable = [a for a in alternatives if a.trainable and not is_parent_alternative(a, parent.config)]
+    todo = [a for a in trainable if not library.is_done(a)]
+    mine = todo[rank::world]
+    if mine:
+        _train(cfg, parent, data, library, mine, rank, world, device, progress)
+    _barrier()
+    if rank == 0:
+        _record_untrained(library, alternatives, trainable, parent.config)
+        library.write_index({"alternatives": [a.name for a in alternatives]})
+    _barrier()
+    return library
+
+
+def _record_untrained(library: Library, alternatives, trainable, config) -> None:
+    """No-op and parent alternatives need no training; they get a record without a file."""
+    from ..utils import atomic_write_json
+
+    for a in alternatives:
+        if a in trainable or library.is_done(a):
+            continue
+        init = "parent" if a.trainable else "no_op"
+        atomic_write_json(
+            library.record_path(a),
+            {"name": a.name, "layer": a.layer, "sub": a.sub, "kind": a.kind, "size": a.size, "init": init,
+             "tokens": 0, "file": None},
+        )
+
+
+def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: int, world: int, device, progress):
+    bld = cfg.bld
+    seq_len = data.train.shape[1]
+    total_steps = max(1, math.ceil(bld.tokens / (bld.batch_size * seq_len)))
+    state_file = library.state_dir / f"rank{rank}-of{world}.pt"
+    names = [a.name for a in mine]
+    blocks = {a: build_subblock(parent.config, a).to(device) for a in mine}
+    state = None
+    if state_file.is_file():
+        state = torch.load(state_file, map_location=device, weights_only=False)
+        if state.get("names") != names or state.get("total_steps") != total_steps:
+            log.warning("ignoring %s: it was written for other alternatives or another budget", state_file)
+            state = None
+    if state is None:
+        state = _fresh_state(cfg, parent, data, blocks, names, total_steps, device)
+        atomic_torch_save(state, state_file)
+    else:
+        log.info("resuming BLD from step %d/%d (%s)", state["step"], total_steps, state_file.name)
+    for a in mine:
+        blocks[a].load_state_dict(state["blocks"][a.name])
+        blocks[a].train()
+    optimizers = {a: torch.optim.AdamW(blocks[a].parameters(), lr=bld.lr, weight_decay=bld.weight_decay) for a in mine}
+    for a in mine:
+        if a.name in state["optim"]:
+            optimizers[a].load_state_dict(state["optim"][a.name])
+    by_layer: dict[int, list[Alternative]] = {}
+    for a in mine:
+        by_layer.setdefault(a.layer, []).append(a)
+    amp = autocast_dtype(bld.dtype, device)
+    autocast = (
+        (lambda: torch.autocast(device_type=device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
+    )
+    tokens_per_step = bld.batch_size * seq_len
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"BLD rank {rank}" if world > 1 else "BLD",
+               unit="step", disable=not progress, dynamic_ncols=True)
+    t0, steps_done = time.perf_counter(), 0
+    while state["step"] < total_steps:
+        step = state["step"]
+        lr = lr_at(step, total_steps, bld)
+        ids = data.train[batch_indices(step, bld.batch_size, len(data.train), cfg.seed)].to(device)
+        losses = []
+        with autocast():
+            stream = trace_parent(parent, ids, set(by_layer))
+            for layer, a_in, a_out, f_in, f_out, pe in stream:
+                layer_loss = 0.0
+                for alt in by_layer[layer]:
+                    h, y = (a_in, a_out) if alt.sub == "attention" else (f_in, f_out)
+                    loss = nmse(blocks[alt](h, pe), y)
+                    layer_loss = layer_loss + loss
+                    state["train_nmse"][alt.name] = loss.item()
+                    losses.append(loss.item())
+                layer_loss.backward()  # frees this layer's graphs before the next layer runs
+        for alt in mine:
+            if bld.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(blocks[alt].parameters(), bld.grad_clip)
+            for group in optimizers[alt].param_groups:
+                group["lr"] = lr
+            optimizers[alt].step()
+            optimizers[alt].zero_grad(set_to_none=True)
+        state["step"] += 1
+        steps_done += 1
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix_str(
+            f"nmse {sum(losses) / len(losses):.4f} | {steps_done * tokens_per_step / elapsed:,.0f} tok/s | lr {lr:.1e}"
+        )
+        bar.update(1)
+        if state["step"] % bld.checkpoint_every == 0 or state["step"] == total_steps:
+            state["blocks"] = {a.name: blocks[a].state_dict() for a in mine}
+            state["optim"] = {a.name: optimizers[a].state_dict() for a in mine}
+            atomic_torch_save(state, state_file)
+    bar.close()
+    for b in blocks.values():
+        b.eval()
+    final_val = validation_nmse(blocks, parent, data.val.to(device))
+    for a in mine:
+        record = {
+            "layer": a.layer, "sub": a.sub, "kind": a.kind, "size": a.size,
+            "init": state["init_method"][a.name],
+            "tokens": total_steps * tokens_per_step,
+            "params": sum(p.numel() for p in blocks[a].parameters()),
+            "train_nmse": state["train_nmse"].get(a.name),
+            "val_nmse_init": state["val_init"][a.name],
+            "val_nmse": final_val[a],
+            "file": library.block_path(a).name,
+        }
+        record.update(state["extra"].get(a.name, {}))
+        library.save_block(a, {k: v.float() if v.is_floating_point() else v for k, v in blocks[a].state_dict().items()}, record)
+    state_file.unlink(missing_ok=True)
+
+
+def _fresh_state(cfg, parent, data, blocks, names, total_steps, device) -> dict:
+    """Initialize every block from the parent and measure its validation NMSE at init."""
+    calib_ids = data.train[: cfg.init.calibration_sequences].to(device)
+    if calib_ids.numel() < 4 * parent.config.hidden_size:
+        log.warning("only %d calibration tokens for hidden size %d: linear fits may overfit (raise "
+                    "init.calibration_sequences)", calib_ids.numel(), parent.config.hidden_size)
+    layers = {a.layer for a in blocks}
+    acts = collect_calibration(parent, calib_ids, layers)
+    init_method, extra = {}, {}
+    for a, block in blocks.items():
+        layer = parent.model.layers[a.layer]
+        init_method[a.name] = initialize(block, a, layer, acts[a.layer], cfg.init)
+    val_init = validation_nmse(blocks, parent, data.val.to(device))
+    # Channel selection: also measure the other criterion, so the choice is backed by numbers.
+    other = "weight_norm" if cfg.init.ffn_channels == "contribution" else "contribution"
+    ffn_pruned = {a: b for a, b in blocks.items() if a.sub == "ffn" and a.kind == "mlp"}
+    if ffn_pruned:
+        from ..library.init import init_ffn_pruned
+
+        alt_blocks = {}
+        for a in ffn_pruned:
+            b = build_subblock(parent.config, a).to(device)
+            init_ffn_pruned(b, a, parent.model.layers[a.layer], acts[a.layer], cfg.init, method=other)
+            alt_blocks[a] = b
+        other_val = validation_nmse(alt_blocks, parent, data.val.to(device))
+        for a in ffn_pruned:
+            extra[a.name] = {
+                f"val_nmse_init_{cfg.init.ffn_channels}": val_init[a],
+                f"val_nmse_init_{other}": other_val[a],
+            }
+    del acts
+    return {
+        "names": names,
+        "total_steps": total_steps,
+        "step": 0,
+        "blocks": {a.name: b.state_dict() for a, b in blocks.items()},
+        "optim": {},
+        "init_method": init_method,
+        "val_init": {a.name: v for a, v in val_init.items()},
+        "train_nmse": {},
+        "extra": extra,
+    }
+
+
+def summary_table(library: Library) -> str:
+    rows = [r for r in library.records().values() if r.get("file")]
+    lines = [f"{'alternative':<28} {'init':<22} {'val nmse init':>13} {'val nmse':>10}"]
+    for r in rows:
+        lines.append(f"{r['name']:<28} {r['init']:<22} {r['val_nmse_init']:>13.5f} {r['val_nmse']:>10.5f}")
+    return "\n".join(lines)
+
+
+__all__ = ["run", "nmse", "validation_nmse", "summary_table", "init_method_name"]

@@ -1,0 +1,185 @@
+"""One typed configuration tree, a section per pipeline stage, loaded from YAML.
+
+    cfg = load_config("configs/smollm2.yaml", overrides=["bld.tokens=200000"])
+
+Unknown keys and wrong types are errors that name the key (`bld.lr: Input should be a valid
+number`). Every field has a default that makes sense for SmolLM2-135M on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import PuzzleError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Distillation text. `path`: a .txt/.jsonl/.parquet file, a folder of them, or a HF dataset
+    name (hub only). None: the parent generates its own text (sampled, cached)."""
+
+    path: str | None = None
+    text_field: str = "text"
+    seq_len: int = Field(256, gt=1)
+    max_train_sequences: int = Field(4096, gt=0)
+    val_sequences: int = Field(32, gt=0)
+    seed: int = 0
+    # self-generated text (only when path is None)
+    generate_sequences: int = Field(256, gt=0)
+    generate_temperature: float = Field(1.0, gt=0)
+
+
+AttentionChoice = int | Literal["linear", "no_op"]
+FFNChoice = float | int | Literal["linear", "no_op"]
+
+
+class LayerOverride(Section):
+    attention: list[AttentionChoice] | None = None
+    ffn: list[FFNChoice] | None = None
+
+
+class SearchSpaceConfig(Section):
+    """Per-layer alternatives. attention: KV-head counts, "linear", "no_op". ffn: fractions of the
+    parent's intermediate size (0 < x <= 1, floats) or absolute sizes (ints > 1), "linear", "no_op".
+    attention None means: the parent's KV count, its halvings that divide the query heads, 1,
+    linear and no_op (SmolLM2-135M: 3, 1, linear, no_op). `layers` overrides either list per layer."""
+
+    attention: list[AttentionChoice] | None = None
+    ffn: list[FFNChoice] = Field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.1, "linear", "no_op"])
+    layers: dict[int, LayerOverride] = Field(default_factory=dict)
+    # restrict the search to these layers (the others keep the parent's blocks); None: all layers
+    only_layers: list[int] | None = None
+    # round searched FFN sizes to a multiple of this (hardware-friendly shapes)
+    ffn_multiple_of: int = Field(32, gt=0)
+
+
+class InitConfig(Section):
+    ffn_channels: Literal["contribution", "weight_norm"] = "contribution"
+    # calibration tokens (sequences x seq_len) should be several times the hidden size, or the
+    # least-squares fit of the linear alternatives overfits
+    calibration_sequences: int = Field(16, gt=0)
+    linear_ridge: float = Field(1e-2, ge=0)
+
+
+class BLDConfig(Section):
+    tokens: int = Field(131072, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    min_lr_fraction: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    checkpoint_every: int = Field(50, gt=0)
+
+
+class ScoringConfig(Section):
+    metric: Literal["kl", "lm_loss", "agreement"] = "kl"
+    sequences: int = Field(16, gt=0)
+    batch_size: int = Field(4, gt=0)
+
+
+class ScenarioConfig(Section):
+    name: str = "default"
+    batch_size: int = Field(1, gt=0)
+    prompt_len: int = Field(256, gt=0)
+    generate_len: int = Field(128, gt=0)
+
+
+class CostConfig(Section):
+    device: str = "auto"  # "auto": measure here; or a preset name (h100-sxm, h200, a100-80gb, l40s)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    warmup: int = Field(2, ge=0)
+    repeats: int = Field(7, gt=0)
+    scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
+
+
+class SearchConfig(Section):
+    throughput: float | None = Field(1.5, gt=0)  # >= k x the parent's throughput
+    memory_bytes: float | None = None
+    latency_s: float | None = None
+    params: float | None = None
+    solutions: int = Field(5, gt=0)
+    diversity: float = Field(0.2, ge=0, le=1)
+    time_limit_s: float = Field(60.0, gt=0)
+
+
+class PuzzleConfig(Section):
+    parent: str = "smollm2"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    search_space: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
+    bld: BLDConfig = Field(default_factory=BLDConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    costs: CostConfig = Field(default_factory=CostConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+
+    @field_validator("parent")
+    @classmethod
+    def _parent_not_empty(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must name a parent (a path or 'smollm2')")
+        return v
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {where}: {msg}{more}"
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise PuzzleError(f"override {override!r} must look like key.sub=value")
+    key, value = override.split("=", 1)
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise PuzzleError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def config_from_dict(raw: dict, source: str = "config", overrides: list[str] | None = None) -> PuzzleConfig:
+    raw = dict(raw or {})
+    for override in overrides or []:
+        _apply_override(raw, override)
+    try:
+        return PuzzleConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise PuzzleError(_format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PuzzleConfig:
+    if path is None:
+        return config_from_dict({}, "defaults", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise PuzzleError(f"config file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PuzzleError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise PuzzleError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(raw, str(path), overrides)
+
+
+def save_config(cfg: PuzzleConfig, path: str | Path) -> None:
+    from .utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,189 @@
+"""Distillation data: text -> fixed-length token sequences, split and cached in the work directory.
+
+Sources, by `data.path`:
+  * a .txt file, a .jsonl file (one JSON object per line, `text_field`), a .parquet file, or a
+    folder holding any of those (read in sorted order);
+  * a Hugging Face dataset name ("wikitext:wikitext-2-raw-v1"), only when the hub is reachable;
+  * None: the parent writes its own distillation text (sampled from BOS, cached), so the tool
+    works with nothing but a model.
+
+Documents are joined with the tokenizer's EOS, cut into `seq_len` chunks, shuffled with
+`seed`, and the first `val_sequences` chunks become validation. The result is cached as
+`data/tokens-<fingerprint>.safetensors`; the fingerprint covers the files' sizes and mtimes,
+the tokenizer and the data settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import DataConfig
+from ..errors import PuzzleError
+from ..utils import atomic_save_safetensors, fingerprint
+
+log = logging.getLogger(__name__)
+TEXT_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class TokenData:
+    train: torch.Tensor  # (N, seq_len) int64
+    val: torch.Tensor  # (M, seq_len) int64
+    fingerprint: str
+    source: str
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise PuzzleError(f"data folder {path} holds no {', '.join(TEXT_SUFFIXES)} files")
+    return files
+
+
+def read_documents(path: Path, text_field: str = "text") -> list[str]:
+    docs: list[str] = []
+    for f in _files(path):
+        if f.suffix in (".txt", ".raw"):
+            docs.append(f.read_text(encoding="utf-8", errors="replace"))
+        elif f.suffix in (".jsonl", ".json"):
+            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise PuzzleError(f"{f}:{n}: not a JSON line") from None
+                if text_field not in row:
+                    raise PuzzleError(f"{f}:{n}: no field {text_field!r} (set data.text_field)")
+                docs.append(str(row[text_field]))
+        elif f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(f)
+            if text_field not in table.column_names:
+                raise PuzzleError(f"{f}: no column {text_field!r} (columns: {table.column_names})")
+            docs.extend(str(x) for x in table.column(text_field).to_pylist())
+        else:
+            raise PuzzleError(f"{f}: unsupported data file type {f.suffix!r} (accepted: {', '.join(TEXT_SUFFIXES)})")
+    return docs
+
+
+def _hub_documents(name: str, text_field: str, limit_chars: int) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise PuzzleError(f"data.path={name!r} is not a local path, and the `datasets` package is missing") from None
+    dataset, _, subset = name.partition(":")
+    try:
+        ds = datasets.load_dataset(dataset, subset or None, split="train", streaming=True)
+    except Exception as exc:  # the hub raises many types; all mean "cannot get it"
+        raise PuzzleError(f"data.path={name!r}: not a local path and not loadable from the hub ({type(exc).__name__})") from None
+    docs, total = [], 0
+    for row in ds:
+        docs.append(str(row[text_field]))
+        total += len(docs[-1])
+        if total >= limit_chars:
+            break
+    return docs
+
+
+def chunk(token_ids: list[int], seq_len: int) -> torch.Tensor:
+    n = len(token_ids) // seq_len
+    return torch.tensor(token_ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def tokenize_documents(docs: list[str], tokenizer, seq_len: int, max_sequences: int) -> torch.Tensor:
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False).input_ids)
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= max_sequences * seq_len:
+            break
+    return chunk(ids, seq_len)[:max_sequences]
+
+
+@torch.no_grad()
+def generate_sequences(model, tokenizer, n: int, seq_len: int, temperature: float, seed: int, batch: int = 16):
+    """The parent's own text: `n` sequences sampled from BOS (Puzzle works with no data at all)."""
+    from tqdm.auto import tqdm
+
+    bos = tokenizer.bos_token_id if tokenizer is not None and tokenizer.bos_token_id is not None else model.config.bos_token_id
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    out = []
+    for start in tqdm(range(0, n, batch), desc="generating distillation text", unit="batch"):
+        b = min(batch, n - start)
+        seq = torch.full((b, 1), bos, dtype=torch.long, device=device)
+        cache = None
+        logits = None
+        for _ in range(seq_len - 1):
+            step_in = seq if cache is None else seq[:, -1:]
+            result = model(step_in, cache=cache, use_cache=True)
+            cache = result.cache if hasattr(result, "cache") and result.cache is not None else result.past_key_values
+            logits = result.logits[:, -1].float() / temperature
+            probs = torch.softmax(logits, dim=-1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=gen).to(device)
+            seq = torch.cat([seq, nxt], dim=1)
+        out.append(seq.cpu())
+    return torch.cat(out)
+
+
+def prepare_data(cfg: DataConfig, tokenizer, workdir: Path, model=None, model_fingerprint: str = "") -> TokenData:
+    """Token sequences for training and validation, from cache when nothing changed.
+    `model_fingerprint` identifies the parent when it writes its own text."""
+    if cfg.path is not None:
+        path = Path(cfg.path).expanduser()
+        if path.exists():
+            stamp = [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in _files(path)]
+        elif cfg.path.startswith(("/", ".", "~")) or Path(cfg.path).suffix in TEXT_SUFFIXES:
+            raise PuzzleError(f"data.path {cfg.path!r} does not exist")
+        else:
+            stamp = [cfg.path]
+        source = cfg.path
+    else:
+        if model is None:
+            raise PuzzleError("data.path is not set and no model was given to generate distillation text")
+        stamp, source = ["self-generated", model_fingerprint], "self-generated by the parent"
+    tok_id = [getattr(tokenizer, "name_or_path", ""), len(tokenizer) if tokenizer is not None else 0]
+    key = fingerprint(stamp, tok_id, cfg.model_dump())
+    cache_file = Path(workdir) / "data" / f"tokens-{key}.safetensors"
+    if cache_file.is_file():
+        from safetensors.torch import load_file
+
+        t = load_file(cache_file)
+        return TokenData(t["train"], t["val"], key, source)
+
+    wanted = cfg.max_train_sequences + cfg.val_sequences
+    if cfg.path is None:
+        n = min(cfg.generate_sequences, wanted)
+        if n <= cfg.val_sequences:
+            raise PuzzleError(f"data.generate_sequences={n} must exceed data.val_sequences={cfg.val_sequences}")
+        sequences = generate_sequences(model, tokenizer, n, cfg.seq_len, cfg.generate_temperature, cfg.seed)
+    else:
+        if tokenizer is None:
+            raise PuzzleError("the parent has no tokenizer; cannot tokenize data.path")
+        path = Path(cfg.path).expanduser()
+        docs = read_documents(path, cfg.text_field) if path.exists() else _hub_documents(
+            cfg.path, cfg.text_field, wanted * cfg.seq_len * 8
+        )
+        sequences = tokenize_documents(docs, tokenizer, cfg.seq_len, wanted)
+    if len(sequences) <= cfg.val_sequences:
+        raise PuzzleError(
+            f"data from {source} gives only {len(sequences)} sequences of {cfg.seq_len} tokens; "
+            f"need more than data.val_sequences={cfg.val_sequences}"
+        )
+    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(cfg.seed))
+    sequences = sequences[order]
+    data = TokenData(sequences[cfg.val_sequences :], sequences[: cfg.val_sequences], key, source)
+    atomic_save_safetensors({"train": data.train, "val": data.val}, cache_file, {"source": source})
+    log.info("data: %d train + %d val sequences of %d tokens from %s", len(data.train), len(data.val), cfg.seq_len, source)
+    return data

@@ -1,0 +1,163 @@
+"""The search space: per layer, the attention and FFN alternatives, and the modules that hold them.
+
+An alternative is a sub-block *with its norm*: the module maps the residual stream h to the
+delta the sub-block adds to it, exactly like the parent's
+    attention: h -> self_attn(input_layernorm(h))
+    ffn:       h -> mlp(post_attention_layernorm(h))
+Its parameter names are the decoder layer's own (`input_layernorm.weight`, `self_attn.k_proj.weight`,
+`mlp.down_proj.weight`...), so a trained alternative drops into a DeciLM layer with load_state_dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import SearchSpaceConfig
+from ..errors import PuzzleError
+from ..model import AttentionConfig, DeciLMConfig, FFNConfig
+from ..model.modeling_decilm import DeciLMRMSNorm, build_attention, build_ffn
+
+
+@dataclass(frozen=True, order=True)
+class Alternative:
+    layer: int
+    sub: str  # "attention" | "ffn"
+    kind: str  # attention: gqa | linear | no_op; ffn: mlp | linear | no_op
+    size: int | None = None  # KV heads (gqa) or intermediate size (mlp)
+
+    @property
+    def name(self) -> str:
+        short = f"{self.kind}{self.size}" if self.size is not None else self.kind
+        return f"layer{self.layer:03d}.{self.sub}.{short}"
+
+    @property
+    def trainable(self) -> bool:
+        return self.kind != "no_op"
+
+    def block_config(self) -> AttentionConfig | FFNConfig:
+        if self.sub == "attention":
+            return AttentionConfig(self.kind, self.size if self.kind == "gqa" else None)
+        return FFNConfig(self.kind, self.size if self.kind == "mlp" else None)
+
+    @classmethod
+    def from_name(cls, name: str) -> Alternative:
+        layer, sub, short = name.split(".")
+        for kind in ("gqa", "mlp", "linear", "no_op"):
+            if short.startswith(kind):
+                rest = short[len(kind) :]
+                return cls(int(layer[5:]), sub, kind, int(rest) if rest else None)
+        raise ValueError(name)
+
+
+def is_parent_alternative(alt: Alternative, config: DeciLMConfig) -> bool:
+    """The alternative that equals the parent's own sub-block (kept as is, never trained)."""
+    block = config.block_configs[alt.layer]
+    return (alt.sub == "attention" and alt.block_config() == block.attention) or (
+        alt.sub == "ffn" and alt.block_config() == block.ffn
+    )
+
+
+def default_kv_choices(num_heads: int, num_kv: int) -> list[int]:
+    choices, kv = [num_kv], num_kv
+    while kv > 1:
+        kv //= 2
+        if kv >= 1 and num_heads % kv == 0 and kv not in choices:
+            choices.append(kv)
+    if 1 not in choices:
+        choices.append(1)
+    return choices
+
+
+def _attention_alternatives(layer: int, choices, config: DeciLMConfig) -> list[Alternative]:
+    out = []
+    for c in choices:
+        if c in ("linear", "no_op"):
+            out.append(Alternative(layer, "attention", c))
+        else:
+            if c <= 0 or config.num_attention_heads % c:
+                raise PuzzleError(
+                    f"search_space: layer {layer}: {c} KV heads does not divide num_attention_heads="
+                    f"{config.num_attention_heads}"
+                )
+            if c > config.num_attention_heads:
+                raise PuzzleError(f"search_space: layer {layer}: {c} KV heads > {config.num_attention_heads} query heads")
+            out.append(Alternative(layer, "attention", "gqa", int(c)))
+    return out
+
+
+def _ffn_alternatives(layer: int, choices, parent_size: int, multiple: int) -> list[Alternative]:
+    out = []
+    for c in choices:
+        if c in ("linear", "no_op"):
+            out.append(Alternative(layer, "ffn", c))
+            continue
+        if isinstance(c, float):
+            if not 0 < c <= 1:
+                raise PuzzleError(f"search_space: layer {layer}: FFN fraction {c} must be in (0, 1]")
+            size = parent_size if c == 1.0 else max(multiple, int(round(parent_size * c / multiple)) * multiple)
+        else:
+            size = int(c)
+        if size <= 0 or size > parent_size:
+            raise PuzzleError(f"search_space: layer {layer}: FFN size {size} must be in 1..{parent_size} (the parent's)")
+        out.append(Alternative(layer, "ffn", "mlp", size))
+    return out
+
+
+def enumerate_alternatives(space: SearchSpaceConfig, config: DeciLMConfig) -> list[Alternative]:
+    """Every alternative of every layer (the parent's own sub-blocks included), deduplicated."""
+    alts: set[Alternative] = set()
+    for layer, block in enumerate(config.block_configs):
+        if block.attention.kind != "gqa" or block.ffn.kind != "mlp":
+            raise PuzzleError(f"the parent's layer {layer} is not a full attention + MLP layer; search needs a uniform parent")
+        if space.only_layers is not None and layer not in space.only_layers:
+            alts.add(Alternative(layer, "attention", "gqa", block.attention.num_key_value_heads))
+            alts.add(Alternative(layer, "ffn", "mlp", block.ffn.intermediate_size))
+            continue
+        override = space.layers.get(layer)
+        attn = (override.attention if override and override.attention is not None else None) or space.attention
+        if attn is None:
+            attn = [*default_kv_choices(config.num_attention_heads, block.attention.num_key_value_heads), "linear", "no_op"]
+        ffn = (override.ffn if override and override.ffn is not None else None) or space.ffn
+        alts.update(_attention_alternatives(layer, attn, config))
+        alts.update(_ffn_alternatives(layer, ffn, block.ffn.intermediate_size, space.ffn_multiple_of))
+        # the parent's own sub-blocks are always available: the search may keep a layer intact
+        alts.add(Alternative(layer, "attention", "gqa", block.attention.num_key_value_heads))
+        alts.add(Alternative(layer, "ffn", "mlp", block.ffn.intermediate_size))
+    for layer in [*space.layers, *(space.only_layers or [])]:
+        if not 0 <= layer < config.num_hidden_layers:
+            raise PuzzleError(f"search_space.layers: layer {layer} does not exist (the parent has {config.num_hidden_layers})")
+    return sorted(alts)
+
+
+class SubBlock(nn.Module):
+    """norm + attention or FFN variant: h (B, T, C) -> delta (B, T, C)."""
+
+    def __init__(self, config: DeciLMConfig, alt: Alternative):
+        super().__init__()
+        self.alt = alt
+        self.sub = alt.sub
+        if alt.sub == "attention":
+            self.input_layernorm = DeciLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.self_attn = build_attention(config, alt.block_config(), cache_index=0)
+        else:
+            self.post_attention_layernorm = DeciLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.mlp = build_ffn(config, alt.block_config())
+
+    def forward(self, h: torch.Tensor, position_embeddings=None) -> torch.Tensor:
+        if self.sub == "attention":
+            return self.self_attn(self.input_layernorm(h), position_embeddings)
+        return self.mlp(self.post_attention_layernorm(h))
+
+
+def build_subblock(config: DeciLMConfig, alt: Alternative) -> SubBlock | None:
+    return None if alt.kind == "no_op" else SubBlock(config, alt)
+
+
+def parent_subblock_state(parent, alt: Alternative) -> dict[str, torch.Tensor]:
+    """The parent layer's tensors for `alt`'s sub-block (norm included), layer-relative names."""
+    prefixes = ("input_layernorm.", "self_attn.") if alt.sub == "attention" else ("post_attention_layernorm.", "mlp.")
+    layer = parent.model.layers[alt.layer]
+    return {k: v for k, v in layer.state_dict().items() if k.startswith(prefixes)}
