@@ -3,6 +3,10 @@
     puzzlenas convert PARENT OUT [--dtype float32]
     puzzlenas info CHECKPOINT
     puzzlenas bld CONFIG --workdir W [--set key=value ...]
+    puzzlenas score CONFIG --workdir W
+    puzzlenas costs CONFIG --workdir W [--device h100-sxm]
+    puzzlenas search CONFIG --workdir W --throughput 1.5x --memory 40GiB --solutions 5
+    puzzlenas measure CONFIG --workdir W
 """
 
 from __future__ import annotations
@@ -86,6 +90,67 @@ def cmd_bld(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+def cmd_score(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .pipeline import stage_score
+    from .scoring import format_scores
+
+    result = stage_score(_load_cfg(args), Path(args.workdir), progress=not args.quiet)
+    print(format_scores(result))
+
+
+def cmd_costs(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .pipeline import stage_costs
+
+    cfg = _load_cfg(args)
+    if args.device:
+        cfg.costs.device = args.device
+    profile = stage_costs(cfg, Path(args.workdir), progress=not args.quiet)
+    label = " (estimated)" if profile["estimated"] else " (measured)"
+    print(f"cost profile for {profile['device']}{label}: {len(profile['alternatives'])} alternatives, "
+          f"scenario {profile['scenario']}, written to {Path(args.workdir) / 'costs'}")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .pipeline import stage_search
+    from .search import format_solutions
+
+    cfg = _load_cfg(args)
+    if args.throughput is not None:
+        cfg.search.throughput = None if args.throughput == "none" else _factor(args.throughput)
+    if args.memory is not None:
+        cfg.search.memory_bytes = _size(args.memory)
+    if args.solutions is not None:
+        cfg.search.solutions = args.solutions
+    result = stage_search(cfg, Path(args.workdir), args.device)
+    print(format_solutions(result))
+
+
+def _factor(text):
+    from .search import parse_factor
+
+    return parse_factor(text)
+
+
+def _size(text):
+    from .search import parse_size
+
+    return parse_size(text)
+
+
+def cmd_measure(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .pipeline import format_measurements, measure_solutions
+
+    print(format_measurements(measure_solutions(_load_cfg(args), Path(args.workdir), args.repeats)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puzzlenas", description="Distillation-based NAS for Llama-family LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -104,6 +169,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bld", help="initialize and train the block library (blockwise local distillation)")
     _stage_arguments(p)
     p.set_defaults(func=cmd_bld)
+
+    p = sub.add_parser("score", help="replace-1-block scores of every alternative (KL, LM loss, agreement)")
+    _stage_arguments(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("costs", help="measure (or estimate for a preset device) each alternative's time and memory")
+    _stage_arguments(p)
+    p.add_argument("--device", help="a preset to estimate for instead of measuring: h100-sxm, h200, a100-80gb, l40s")
+    p.set_defaults(func=cmd_costs)
+
+    p = sub.add_parser("search", help="solve the MIP for a target; writes search/solutions.json")
+    _stage_arguments(p)
+    p.add_argument("--throughput", help="at least this many times the parent's throughput, e.g. 1.5x ('none': no limit)")
+    p.add_argument("--memory", help="total memory budget (weights + KV cache), e.g. 40GiB")
+    p.add_argument("--solutions", type=int, help="number of diverse solutions")
+    p.add_argument("--device", help="which cost profile in costs/ to use (default: the only one)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("measure", help="time each solution's child against the parent: predicted vs measured speed-up")
+    _stage_arguments(p)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=cmd_measure)
     return parser
 
 

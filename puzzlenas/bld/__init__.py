@@ -168,6 +168,7 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"BLD rank {rank}" if world > 1 else "BLD",
                unit="step", disable=not progress, dynamic_ncols=True)
     t0, steps_done = time.perf_counter(), 0
+    state["seconds_before"] = state.get("seconds", 0.0)
     while state["step"] < total_steps:
         step = state["step"]
         lr = lr_at(step, total_steps, bld)
@@ -194,6 +195,7 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
         state["step"] += 1
         steps_done += 1
         elapsed = time.perf_counter() - t0
+        state["seconds"] = state.get("seconds_before", 0.0) + elapsed
         bar.set_postfix_str(
             f"nmse {sum(losses) / len(losses):.4f} | {steps_done * tokens_per_step / elapsed:,.0f} tok/s | lr {lr:.1e}"
         )
@@ -211,6 +213,7 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
             "layer": a.layer, "sub": a.sub, "kind": a.kind, "size": a.size,
             "init": state["init_method"][a.name],
             "tokens": total_steps * tokens_per_step,
+            "train_seconds": round(state.get("seconds", 0.0), 3),  # this rank's whole loop, all its blocks
             "params": sum(p.numel() for p in blocks[a].parameters()),
             "train_nmse": state["train_nmse"].get(a.name),
             "val_nmse_init": state["val_init"][a.name],

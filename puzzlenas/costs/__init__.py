@@ -1,0 +1,303 @@
+"""Hardware cost of every alternative for a scenario: measured time, counted memory.
+
+Scenario: `batch_size` requests, each a `prompt_len`-token prompt followed by `generate_len`
+generated tokens. The time of one scenario run is
+    T = prefill(B, P) + G * decode(B, context = P + G/2)
+(decode cost is linear in the context, so one step at the mean context stands for all G steps).
+Throughput = B * G / T generated tokens per second; speed-up = T_parent / T_child.
+
+Per alternative we time `h + block(h)` (norm, sub-block and residual add, exactly what a layer
+runs) for prefill and for one decode step against a KV cache of the mean context, with warm-up
+and repeats, taking the median. What every child shares (embedding, rotary tables, final norm,
+LM head, per-forward overhead) is timed once as a child whose layers are all no-op.
+
+Memory is counted, not measured: weight bytes in the serving dtype and KV-cache bytes for
+B x (P + G) tokens.
+
+For a device that is not here, `estimate_profile` gives a roofline estimate from the device's
+published peak FLOP/s and memory bandwidth; it is labelled "estimated" everywhere it is shown.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.io import attention_params, ffn_params
+from ..errors import PuzzleError
+from ..library.space import Alternative, build_subblock, enumerate_alternatives
+from ..utils import atomic_write_json, fingerprint
+
+# Published dense bf16 peak and memory bandwidth (vendor datasheets).
+DEVICE_PRESETS = {
+    "h100-sxm": {"name": "NVIDIA H100 SXM (estimated)", "flops": 989e12, "bandwidth": 3.35e12},
+    "h200": {"name": "NVIDIA H200 (estimated)", "flops": 989e12, "bandwidth": 4.8e12},
+    "a100-80gb": {"name": "NVIDIA A100 80GB SXM (estimated)", "flops": 312e12, "bandwidth": 2.039e12},
+    "l40s": {"name": "NVIDIA L40S (estimated)", "flops": 362e12, "bandwidth": 0.864e12},
+}
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def device_name(device: torch.device) -> str:
+    """A file-name-safe name of the hardware measured on."""
+    if device.type == "cuda":
+        raw = torch.cuda.get_device_name(device)
+    else:
+        raw = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    raw = line.split(":", 1)[1]
+                    break
+        except OSError:
+            pass
+        raw = f"cpu-{raw}-{torch.get_num_threads()}t"
+    return re.sub(r"[^A-Za-z0-9.]+", "-", raw.strip()).strip("-").lower()
+
+
+def serving_dtype(choice: str, device: torch.device) -> str:
+    if choice != "auto":
+        return choice
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def alternative_params(config, alt: Alternative) -> int:
+    fn = attention_params if alt.sub == "attention" else ffn_params
+    return fn(config, alt.kind, alt.size)
+
+
+def alternative_kv_bytes_per_token(config, alt: Alternative, bytes_per_element: int) -> int:
+    if alt.sub == "attention" and alt.kind == "gqa":
+        return 2 * alt.size * config.head_dim * bytes_per_element
+    return 0
+
+
+def shared_params(config) -> int:
+    return config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2) + config.hidden_size
+
+
+def _median_time(fn, warmup: int, repeats: int, sync, reset=None) -> float:
+    for _ in range(warmup):
+        fn()
+        if reset:
+            reset()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+        if reset:
+            reset()
+    return statistics.median(times)
+
+
+@dataclass
+class Scenario:
+    batch_size: int
+    prompt_len: int
+    generate_len: int
+
+    @property
+    def decode_context(self) -> int:
+        return self.prompt_len + self.generate_len // 2
+
+
+@torch.no_grad()
+def measure_alternative(config, alt: Alternative, scenario: Scenario, device, dtype, warmup: int, repeats: int) -> dict:
+    """Median seconds of prefill and of one decode step for `h + block(h)`."""
+    from transformers.cache_utils import DynamicCache
+
+    from ..model.modeling_decilm import DeciLMRotaryEmbedding
+
+    block = build_subblock(config, alt)
+    if block is None:
+        return {"prefill_s": 0.0, "decode_s": 0.0}
+    block = block.to(device=device, dtype=dtype).eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    B, P, ctx, C = scenario.batch_size, scenario.prompt_len, scenario.decode_context, config.hidden_size
+    rotary = DeciLMRotaryEmbedding(config)
+    h = torch.randn(B, P, C, device=device, dtype=dtype)
+    pe = rotary(h, torch.arange(P, device=device)[None].expand(B, -1))
+    prefill = _median_time(lambda: h + block(h, pe), warmup, repeats, sync)
+    h1 = torch.randn(B, 1, C, device=device, dtype=dtype)
+    pe1 = rotary(h1, torch.full((B, 1), ctx, device=device))
+    if alt.sub == "attention" and alt.kind == "gqa":
+        cache = DynamicCache()
+        kv = torch.randn(B, alt.size, ctx, config.head_dim, device=device, dtype=dtype)
+        cache.update(kv, kv.clone(), 0)
+        attn = block.self_attn
+
+        def step():
+            return h1 + attn(block.input_layernorm(h1), pe1, None, cache)
+
+        decode = _median_time(step, warmup, repeats, sync, reset=lambda: cache.crop(-1))  # drop the token the step appended
+    else:
+        decode = _median_time(lambda: h1 + block(h1, pe1), warmup, repeats, sync)
+    return {"prefill_s": prefill, "decode_s": decode}
+
+
+@torch.no_grad()
+def measure_model_scenario(model, scenario: Scenario, warmup: int = 1, repeats: int = 3) -> dict:
+    """Real end-to-end timing of a model for the scenario: prefill, then G decode steps with the
+    KV cache, greedy. Median over repeats of (prefill seconds, decode seconds)."""
+    from transformers.cache_utils import DynamicCache
+
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    B, P, G = scenario.batch_size, scenario.prompt_len, scenario.generate_len
+    prompt = torch.randint(0, model.config.vocab_size, (B, P), device=device, generator=None)
+    runs = []
+    for r in range(warmup + repeats):
+        cache = DynamicCache()
+        sync()
+        t0 = time.perf_counter()
+        out = model(prompt, cache=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1:].argmax(-1)
+        sync()
+        t1 = time.perf_counter()
+        for _ in range(G):
+            out = model(nxt, cache=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        sync()
+        t2 = time.perf_counter()
+        if r >= warmup:
+            runs.append((t1 - t0, t2 - t1))
+    prefill = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    return {"prefill_s": prefill, "decode_s": decode, "total_s": prefill + decode,
+            "prefill_tok_s": B * P / prefill, "decode_tok_s": B * G / decode}
+
+
+def measure_shared(parent, scenario: Scenario, warmup: int, repeats: int, dtype=torch.float32) -> dict:
+    """Everything but the layers: a child whose every layer is no-op, timed like a real model."""
+    from ..realize import assemble_child
+
+    choices = [(Alternative(i, "attention", "no_op"), Alternative(i, "ffn", "no_op"))
+               for i in range(parent.config.num_hidden_layers)]
+    shell = assemble_child(parent, choices, random_weights=True).to(dtype)
+    m = measure_model_scenario(shell, scenario, warmup=warmup, repeats=repeats)
+    # per-step decode time, so that T = prefill + G * decode holds for the shared part too
+    return {"prefill_s": m["prefill_s"], "decode_s": m["decode_s"] / scenario.generate_len}
+
+
+def run(cfg, workdir: str | Path, parent, progress: bool = True) -> dict:
+    """Measure (or estimate, for a preset device) and save costs/<device>.json."""
+    from tqdm.auto import tqdm
+
+    workdir = Path(workdir)
+    c = cfg.costs
+    scenario = Scenario(c.scenario.batch_size, c.scenario.prompt_len, c.scenario.generate_len)
+    alternatives = enumerate_alternatives(cfg.search_space, parent.config)
+    if c.device != "auto":
+        if c.device not in DEVICE_PRESETS:
+            raise PuzzleError(f"costs.device={c.device!r} is unknown (accepted: auto, {', '.join(DEVICE_PRESETS)})")
+        profile = estimate_profile(parent.config, alternatives, scenario, DEVICE_PRESETS[c.device],
+                                   serving_dtype("bfloat16" if c.dtype == "auto" else c.dtype, torch.device("cuda")))
+        profile["device"] = c.device
+    else:
+        device = next(parent.parameters()).device
+        dtype_name = serving_dtype(c.dtype, device)
+        dtype = getattr(torch, dtype_name)
+        key = fingerprint(device_name(device), dtype_name, scenario.__dict__, c.warmup, c.repeats,
+                          sorted(a.name for a in alternatives), parent.config.to_dict())
+        out_file = workdir / "costs" / f"{device_name(device)}.json"
+        if out_file.is_file():
+            import json
+
+            cached = json.loads(out_file.read_text())
+            if cached.get("fingerprint") == key:
+                return cached
+        unique = {}  # same-shaped alternatives of different layers cost the same: time each shape once
+        for a in alternatives:
+            unique.setdefault((a.sub, a.kind, a.size), a)
+        times = {}
+        for shape, a in tqdm(unique.items(), desc="timing alternatives", disable=not progress):
+            times[shape] = measure_alternative(parent.config, a, scenario, device, dtype, c.warmup, c.repeats)
+        shared = measure_shared(parent, scenario, c.warmup, c.repeats, dtype)
+        bpe = _BYTES[dtype_name]
+        profile = {
+            "device": device_name(device),
+            "estimated": False,
+            "dtype": dtype_name,
+            "fingerprint": key,
+            "scenario": scenario.__dict__,
+            "shared": {**shared, "params": shared_params(parent.config),
+                       "weight_bytes": shared_params(parent.config) * bpe},
+            "alternatives": {
+                a.name: {
+                    **times[(a.sub, a.kind, a.size)],
+                    "params": alternative_params(parent.config, a),
+                    "weight_bytes": alternative_params(parent.config, a) * bpe,
+                    "kv_bytes": alternative_kv_bytes_per_token(parent.config, a, bpe)
+                    * scenario.batch_size * (scenario.prompt_len + scenario.generate_len),
+                }
+                for a in alternatives
+            },
+        }
+    out_file = workdir / "costs" / f"{profile['device']}.json"
+    atomic_write_json(out_file, profile)
+    return profile
+
+
+def estimate_profile(config, alternatives, scenario: Scenario, preset: dict, dtype_name: str) -> dict:
+    """Roofline: time = max(FLOPs / peak, bytes moved / bandwidth) per sub-block and phase."""
+    bpe = _BYTES[dtype_name]
+    B, P, ctx, C = scenario.batch_size, scenario.prompt_len, scenario.decode_context, config.hidden_size
+
+    def roofline(flops, nbytes):
+        return max(flops / preset["flops"], nbytes / preset["bandwidth"])
+
+    alts = {}
+    for a in alternatives:
+        params = alternative_params(config, a)
+        w = params * bpe
+        kv_tok = alternative_kv_bytes_per_token(config, a, bpe)
+        attn_flops_prefill = attn_flops_decode = 0
+        if a.sub == "attention" and a.kind == "gqa":
+            attn_flops_prefill = 2 * 2 * B * P * (P / 2) * config.num_attention_heads * config.head_dim
+            attn_flops_decode = 2 * 2 * B * ctx * config.num_attention_heads * config.head_dim
+        act = 2 * B * P * C * bpe
+        alts[a.name] = {
+            "prefill_s": roofline(2 * params * B * P + attn_flops_prefill, w + act + kv_tok * B * P),
+            "decode_s": roofline(2 * params * B + attn_flops_decode, w + kv_tok * B * ctx),
+            "params": params,
+            "weight_bytes": w,
+            "kv_bytes": kv_tok * B * (P + scenario.generate_len),
+        }
+    sp = shared_params(config)
+    head = config.vocab_size * C
+    return {
+        "device": preset["name"],
+        "estimated": True,
+        "dtype": dtype_name,
+        "scenario": scenario.__dict__,
+        "shared": {
+            "prefill_s": roofline(2 * head * B, head * bpe),  # only the last position's logits
+            "decode_s": roofline(2 * head * B, head * bpe),
+            "params": sp,
+            "weight_bytes": sp * bpe,
+        },
+        "alternatives": alts,
+    }
+
+
+def scenario_time(profile: dict, names: list[str]) -> dict:
+    """Predicted prefill, per-step decode and total scenario seconds of a set of sub-blocks."""
+    s = profile["scenario"]
+    prefill = profile["shared"]["prefill_s"] + sum(profile["alternatives"][n]["prefill_s"] for n in names)
+    decode = profile["shared"]["decode_s"] + sum(profile["alternatives"][n]["decode_s"] for n in names)
+    return {"prefill_s": prefill, "decode_step_s": decode, "total_s": prefill + s["generate_len"] * decode}
+
+
+def alternative_time(profile: dict, name: str) -> float:
+    """Scenario seconds one alternative contributes: prefill + G * decode step."""
+    a = profile["alternatives"][name]
+    return a["prefill_s"] + profile["scenario"]["generate_len"] * a["decode_s"]

@@ -1,0 +1,156 @@
+"""Search: turn scores and costs into a MIP, solve it, write search/solutions.json.
+
+    puzzlenas search CONFIG --workdir W --throughput 1.5x --memory 40GiB --solutions 5
+
+A new target is a new solve over the same scores and costs: seconds, no retraining.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+from ..costs import alternative_time, scenario_time
+from ..errors import PuzzleError
+from ..library.space import Alternative
+from ..scoring import damage
+from ..utils import atomic_write_json
+from .mip import Infeasible, Problem, Solution, evaluate, solve
+
+__all__ = ["Infeasible", "Problem", "Solution", "build_problem", "run", "solve", "parse_size", "parse_factor"]
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | float | int) -> float:
+    """'40GiB', '500MB', '1.5e9' -> bytes."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise PuzzleError(f"memory {text!r} is not a size (examples: 40GiB, 500MB, 2e9)")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_factor(text: str | float) -> float:
+    """'1.5x' or 1.5 -> 1.5."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*[xX]?\s*", text)
+    if not m:
+        raise PuzzleError(f"throughput {text!r} is not a factor (examples: 1.5x, 2)")
+    return float(m.group(1))
+
+
+def layer_alternatives(names: list[str]) -> dict[int, dict[str, list[Alternative]]]:
+    out: dict[int, dict[str, list[Alternative]]] = {}
+    for name in names:
+        a = Alternative.from_name(name)
+        out.setdefault(a.layer, {"attention": [], "ffn": []})[a.sub].append(a)
+    return out
+
+
+def build_problem(scores: dict, profile: dict, metric: str, alternatives: list[str]) -> tuple[Problem, dict]:
+    """MIP data from replace-1-block scores and a cost profile; also the parent's resources."""
+    by_layer = layer_alternatives(alternatives)
+    options, dmg = [], []
+    costs = {"time": [], "memory": [], "latency": [], "params": []}
+    for layer in sorted(by_layer):
+        pairs = list(itertools.product(by_layer[layer]["attention"], by_layer[layer]["ffn"]))
+        options.append([(a.name, f.name) for a, f in pairs])
+        dmg.append([damage(scores[a.name], metric) + damage(scores[f.name], metric) for a, f in pairs])
+        prof = profile["alternatives"]
+        costs["time"].append([alternative_time(profile, a.name) + alternative_time(profile, f.name) for a, f in pairs])
+        costs["latency"].append([prof[a.name]["decode_s"] + prof[f.name]["decode_s"] for a, f in pairs])
+        costs["memory"].append([prof[x.name]["weight_bytes"] + prof[x.name]["kv_bytes"] + prof[y.name]["weight_bytes"]
+                                + prof[y.name]["kv_bytes"] for x, y in pairs])
+        costs["params"].append([prof[a.name]["params"] + prof[f.name]["params"] for a, f in pairs])
+    shared = profile["shared"]
+    g = profile["scenario"]["generate_len"]
+    fixed = {"time": shared["prefill_s"] + g * shared["decode_s"], "latency": shared["decode_s"],
+             "memory": shared["weight_bytes"], "params": shared["params"]}
+    problem = Problem(options, dmg, costs, fixed)
+    parent_choice = [_parent_index(opts, profile) for opts in options]
+    _, parent_resources = evaluate(problem, parent_choice)
+    return problem, parent_resources
+
+
+def _parent_index(opts: list[tuple[str, str]], profile: dict) -> int:
+    # the parent's pair is the one with the most parameters (full KV heads, full FFN)
+    return max(range(len(opts)), key=lambda p: profile["alternatives"][opts[p][0]]["params"]
+               + profile["alternatives"][opts[p][1]]["params"])
+
+
+def budgets_from_config(search_cfg, parent_resources: dict) -> dict[str, float]:
+    budgets = {}
+    if search_cfg.throughput is not None:
+        budgets["time"] = parent_resources["time"] / parse_factor(search_cfg.throughput)
+    if search_cfg.memory_bytes is not None:
+        budgets["memory"] = parse_size(search_cfg.memory_bytes)
+    if search_cfg.latency_s is not None:
+        budgets["latency"] = float(search_cfg.latency_s)
+    if search_cfg.params is not None:
+        budgets["params"] = float(search_cfg.params)
+    if not budgets:
+        raise PuzzleError("search needs at least one budget: throughput, memory_bytes, latency_s or params")
+    return budgets
+
+
+def _describe(parent_resources):
+    def describe(resource: str, value: float) -> str:
+        if resource == "time":
+            return f"throughput {parent_resources['time'] / value:.3g}x"
+        if resource == "memory":
+            return f"memory {value / 2**30:.3g} GiB"
+        if resource == "latency":
+            return f"decode step {value * 1e3:.3g} ms"
+        return f"params {value / 1e6:.4g} M"
+
+    return describe
+
+
+def run(cfg, workdir: str | Path, scores: dict, profile: dict, alternatives: list[str]) -> dict:
+    problem, parent_resources = build_problem(scores["scores"], profile, cfg.scoring.metric, alternatives)
+    problem.budgets = budgets_from_config(cfg.search, parent_resources)
+    found = solve(problem, cfg.search.solutions, cfg.search.diversity, cfg.search.time_limit_s,
+                  describe=_describe(parent_resources))
+    out = {
+        "device": profile["device"],
+        "estimated": profile.get("estimated", False),
+        "metric": cfg.scoring.metric,
+        "budgets": problem.budgets,
+        "parent": parent_resources,
+        "solutions": [],
+    }
+    for rank, sol in enumerate(found):
+        names = [n for pair in sol.pairs for n in pair]
+        t = scenario_time(profile, names)
+        out["solutions"].append({
+            "rank": rank,
+            "status": sol.status,
+            "damage": sol.objective,
+            "predicted_speedup": parent_resources["time"] / sol.resources["time"],
+            "predicted": t,
+            "memory_bytes": sol.resources["memory"],
+            "params": sol.resources["params"],
+            "solve_seconds": sol.solve_seconds,
+            "layers": [{"attention": a, "ffn": f} for a, f in sol.pairs],
+        })
+    atomic_write_json(Path(workdir) / "search" / "solutions.json", out)
+    return out
+
+
+def format_solutions(result: dict) -> str:
+    label = " (estimated)" if result.get("estimated") else ""
+    lines = [f"device: {result['device']}{label}   metric: {result['metric']}   "
+             f"parent: {result['parent']['params'] / 1e6:.1f} M params, {result['parent']['memory'] / 2**20:.1f} MiB"]
+    for s in result["solutions"]:
+        lines.append("")
+        lines.append(f"solution {s['rank']}: predicted speed-up {s['predicted_speedup']:.2f}x{label}, "
+                     f"memory {s['memory_bytes'] / 2**20:.1f} MiB, params {s['params'] / 1e6:.1f} M, "
+                     f"summed {result['metric']} {s['damage']:.4f}, solved in {s['solve_seconds']:.2f} s")
+        lines.append(f"  {'layer':>5}  {'attention':<12} {'ffn':<12}")
+        for i, layer in enumerate(s["layers"]):
+            lines.append(f"  {i:>5}  {layer['attention'].split('.')[-1]:<12} {layer['ffn'].split('.')[-1]:<12}")
+    return "\n".join(lines)

