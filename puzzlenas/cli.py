@@ -7,6 +7,9 @@
     puzzlenas costs CONFIG --workdir W [--device h100-sxm]
     puzzlenas search CONFIG --workdir W --throughput 1.5x --memory 40GiB --solutions 5
     puzzlenas measure CONFIG --workdir W
+    puzzlenas realize CONFIG --workdir W
+    puzzlenas distill CONFIG --workdir W
+    puzzlenas eval CHECKPOINT [--parent PARENT] [--config CONFIG] [--workdir W]
 """
 
 from __future__ import annotations
@@ -151,6 +154,67 @@ def cmd_measure(args: argparse.Namespace) -> None:
     print(format_measurements(measure_solutions(_load_cfg(args), Path(args.workdir), args.repeats)))
 
 
+def cmd_realize(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from . import realize
+    from .pipeline import load_context, open_library
+
+    cfg = _load_cfg(args)
+    workdir = Path(args.workdir)
+    ctx = load_context(cfg, workdir)
+    out = realize.run(cfg, workdir, ctx.parent, open_library(workdir, ctx), ctx.tokenizer)
+    print(f"wrote {out}")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from . import gkd
+    from .pipeline import load_context
+
+    cfg = _load_cfg(args)
+    _init_distributed()
+    workdir = Path(args.workdir)
+    ctx = load_context(cfg, workdir)
+    out = gkd.run(cfg, workdir, ctx.parent, ctx.data, ctx.tokenizer, progress=not args.quiet)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"wrote {out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .checkpoint import convert_parent, load_checkpoint, load_parent
+    from .checkpoint.parent import prepare_parent
+    from .config import load_config
+    from .data import prepare_data
+    from .evaluate import evaluate_models
+    from .utils import pick_device
+
+    cfg = load_config(args.config, args.set)
+    workdir = Path(args.workdir)
+    device = pick_device()
+    parent, tokenizer, fp = prepare_parent(args.parent or cfg.parent, workdir)
+    data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
+    models = {"parent": parent.to(device)}
+    for path in args.checkpoint:
+        p = Path(path)
+        if (p / "config.json").is_file() and '"nemotron-nas"' in (p / "config.json").read_text():
+            models[p.name] = load_checkpoint(p).to(device)
+        else:
+            models[p.name] = convert_parent(load_parent(p)[0], copy=False).to(device)
+    report = evaluate_models(models, "parent", tokenizer, cfg, data.val, workdir / "eval",
+                             skip_lm_eval=args.no_lm_eval)
+    from .evaluate import format_results
+
+    print(format_results(report))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puzzlenas", description="Distillation-based NAS for Llama-family LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -191,6 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_arguments(p)
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=cmd_measure)
+
+    p = sub.add_parser("realize", help="assemble search solution gkd.solution from the library into realized/")
+    _stage_arguments(p)
+    p.set_defaults(func=cmd_realize)
+
+    p = sub.add_parser("distill", help="global knowledge distillation of the realized child into child/")
+    _stage_arguments(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", help="perplexity, KL, agreement, lm-eval accuracy and speed vs the parent")
+    p.add_argument("checkpoint", nargs="+", help="checkpoint folder(s) to compare with the parent")
+    p.add_argument("--parent", help="the reference parent (default: the config's)")
+    p.add_argument("--config", default=None, help="YAML config (eval, data and costs.scenario sections)")
+    p.add_argument("--workdir", default="work")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-lm-eval", action="store_true", help="skip the lm-eval tasks")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

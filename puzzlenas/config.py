@@ -111,6 +111,37 @@ class SearchConfig(Section):
     time_limit_s: float = Field(60.0, gt=0)
 
 
+class GKDConfig(Section):
+    """Global distillation of the realized child against the frozen parent."""
+
+    solution: int = Field(0, ge=0)  # which search solution to realize
+    tokens: int = Field(262144, gt=0)
+    batch_size: int = Field(8, gt=0)  # global: split across torchrun ranks
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    min_lr_fraction: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)
+    kl_weight: float = Field(1.0, ge=0)
+    cosine_weight: float = Field(1.0, ge=0)
+    lm_weight: float = Field(0.0, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    val_every: int = Field(50, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+
+
+class EvalConfig(Section):
+    task_data_dir: str = "../shared/data"
+    tasks: list[str] = Field(default_factory=lambda: ["lambada_openai", "arc_challenge", "boolq", "openbookqa"])
+    limit: int | None = Field(200, gt=0)  # examples per task (None: all)
+    ppl_context: int = Field(512, gt=1)
+    ppl_max_tokens: int | None = Field(32768, gt=0)  # None: the whole WikiText-2 test file
+    kl_sequences: int = Field(16, gt=0)
+    batch_size: int = Field(8, gt=0)
+    speed_repeats: int = Field(3, gt=0)
+
+
 class PuzzleConfig(Section):
     parent: str = "smollm2"
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -122,6 +153,8 @@ class PuzzleConfig(Section):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     costs: CostConfig = Field(default_factory=CostConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    gkd: GKDConfig = Field(default_factory=GKDConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("parent")
     @classmethod

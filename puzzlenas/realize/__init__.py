@@ -82,3 +82,29 @@ def parent_choices(parent_config: DeciLMConfig) -> list[LayerChoice]:
             )
         )
     return out
+
+
+def choices_from_solution(solution: dict) -> list[LayerChoice]:
+    return [(Alternative.from_name(x["attention"]), Alternative.from_name(x["ffn"])) for x in solution["layers"]]
+
+
+def run(cfg, workdir, parent, library: Library, tokenizer=None):
+    """Assemble search solution `cfg.gkd.solution` from the library and save it as a checkpoint in
+    workdir/realized/solution<k>/ (the child before global distillation)."""
+    import json
+    from pathlib import Path
+
+    from ..checkpoint.io import save_checkpoint
+
+    workdir = Path(workdir)
+    solutions_file = workdir / "search" / "solutions.json"
+    if not solutions_file.is_file():
+        raise PuzzleError(f"{solutions_file} not found; run `puzzlenas search` first")
+    solutions = json.loads(solutions_file.read_text())["solutions"]
+    k = cfg.gkd.solution
+    if k >= len(solutions):
+        raise PuzzleError(f"gkd.solution={k} but the search found {len(solutions)} solution(s)")
+    child = assemble_child(parent, choices_from_solution(solutions[k]), library)
+    out = workdir / "realized" / f"solution{k}"
+    save_checkpoint(child, out, tokenizer)
+    return out
