@@ -10,6 +10,7 @@
     puzzlenas realize CONFIG --workdir W
     puzzlenas distill CONFIG --workdir W
     puzzlenas eval CHECKPOINT [--parent PARENT] [--config CONFIG] [--workdir W]
+    puzzlenas run [CONFIG] [--preset quick] [--from STAGE | --only STAGE] [--set key=value] [--workdir W]
 """
 
 from __future__ import annotations
@@ -43,6 +44,31 @@ def _load_cfg(args):
     from .config import load_config
 
     return load_config(args.config, args.set)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .config import load_config, preset_path
+    from .pipeline import run_pipeline
+
+    if args.config and args.preset:
+        raise_error = f"give a CONFIG or --preset, not both (got {args.config} and --preset {args.preset})"
+        from .errors import PuzzleError
+
+        raise PuzzleError(raise_error)
+    cfg = load_config(args.config or preset_path(args.preset or "default"), args.set)
+    workdir = Path(args.workdir)
+    summary = run_pipeline(cfg, workdir, args.from_stage, args.only, progress=not args.quiet)
+    for stage, status in summary.items():
+        print(f"{stage:<10} {status}")
+    report = workdir / "report" / "report.md"
+    results = workdir / "eval" / "results.md"
+    if results.is_file():
+        print()
+        print(results.read_text())
+    if report.is_file():
+        print(f"report: {report}")
 
 
 def _init_distributed():
@@ -230,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("run", help="the whole pipeline (data .. report); reruns skip finished stages")
+    _stage_arguments(p)
+    p.add_argument("--preset", choices=["default", "quick"], help="bundled SmolLM2-135M preset (default: 'default')")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun from this stage on")
+    p.add_argument("--only", metavar="STAGE", help="run only this stage")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("bld", help="initialize and train the block library (blockwise local distillation)")
     _stage_arguments(p)
     p.set_defaults(func=cmd_bld)
@@ -289,6 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (PuzzleError, BlockConfigError) as exc:
         print(f"puzzlenas: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        import errno
+
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"puzzlenas: error: disk full ({exc.filename or 'writing'}); free space and rerun: finished work is kept",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("puzzlenas: interrupted", file=sys.stderr)

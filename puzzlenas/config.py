@@ -212,6 +212,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(raw, str(path), overrides)
 
 
+PRESETS = Path(__file__).parent / "presets"
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise PuzzleError(f"unknown preset {name!r} (available: {', '.join(sorted(p.stem for p in PRESETS.glob('*.yaml')))})")
+    return path
+
+
 def save_config(cfg: PuzzleConfig, path: str | Path) -> None:
     from .utils import atomic_write_text
 

@@ -146,3 +146,191 @@ def format_measurements(rows: list[dict]) -> str:
         lines.append(f"| {r['rank']:>8} | {r['predicted_speedup']:>8.2f}x | {r['measured_speedup']:>7.2f}x | "
                      f"{r['error']:>+6.1%} |")
     return "\n".join(lines)
+
+
+# --- the whole pipeline ----------------------------------------------------------------------
+
+STAGES = ["data", "bld", "score", "costs", "search", "realize", "gkd", "baselines", "eval", "report"]
+
+
+def stage_fingerprints(cfg: PuzzleConfig, device_name: str) -> dict[str, str]:
+    """Each stage's inputs: its config sections and its upstream stages' fingerprints."""
+    from .utils import fingerprint
+
+    d = cfg.model_dump(mode="json")
+    fp = {}
+    fp["data"] = fingerprint(d["parent"], d["data"], d["seed"])
+    fp["bld"] = fingerprint(fp["data"], d["init"], d["bld"], d["search_space"])
+    fp["score"] = fingerprint(fp["bld"], d["scoring"])
+    fp["costs"] = fingerprint(d["parent"], d["search_space"], d["costs"], device_name)
+    fp["search"] = fingerprint(fp["score"], fp["costs"], d["search"])
+    fp["realize"] = fingerprint(fp["search"], d["gkd"]["solution"])
+    fp["gkd"] = fingerprint(fp["realize"], d["gkd"])
+    fp["baselines"] = fingerprint(fp["score"], fp["costs"], d["search"]["throughput"], d["gkd"])
+    fp["eval"] = fingerprint(fp["gkd"], fp["baselines"], d["eval"], d["costs"]["scenario"])
+    fp["report"] = fingerprint(fp["eval"])
+    return fp
+
+
+def _marker(workdir: Path, stage: str) -> Path:
+    return workdir / "stages" / f"{stage}.json"
+
+
+def stage_done(workdir: Path, stage: str, fp: str) -> bool:
+    m = _marker(workdir, stage)
+    return m.is_file() and json.loads(m.read_text()).get("fingerprint") == fp
+
+
+def _set_aside(path: Path) -> None:
+    """Keep a stale artifact under another name instead of deleting it: nothing computed is lost."""
+    import time
+
+    if path.exists():
+        path.rename(path.with_name(f"{path.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"))
+
+
+def run_pipeline(cfg: PuzzleConfig, workdir: Path, from_stage: str | None = None, only: str | None = None,
+                 progress: bool = True) -> dict:
+    """Every stage in order; finished stages with unchanged inputs are skipped, killed ones resume."""
+    import time
+
+    from . import bld, gkd, realize, report, scoring
+    from .costs import device_name
+    from .utils import atomic_write_json, pick_device
+
+    for name in (from_stage, only):
+        if name is not None and name not in STAGES:
+            raise PuzzleError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, workdir / "config.yaml")
+    device = pick_device()
+    fps = stage_fingerprints(cfg, device_name(device))
+    selected = [only] if only else STAGES[STAGES.index(from_stage) :] if from_stage else STAGES
+    for stage in STAGES[: STAGES.index(selected[0])]:
+        if not _marker(workdir, stage).is_file():
+            raise PuzzleError(f"stage {stage!r} has not run yet in {workdir}; run without --from/--only first")
+    ctx: Context | None = None
+
+    def context() -> Context:
+        nonlocal ctx
+        if ctx is None:
+            ctx = load_context(cfg, workdir, device)
+        return ctx
+
+    summary = {}
+    for stage in selected:
+        forced = stage in (from_stage, only)
+        if stage_done(workdir, stage, fps[stage]) and not forced:
+            log.info("stage %-9s done (inputs unchanged)", stage)
+            summary[stage] = "skipped"
+            continue
+        log.info("stage %-9s running", stage)
+        t0 = time.perf_counter()
+        info: dict = {}
+        if stage == "data":
+            c = context()
+            info["tokens"] = int(c.data.train.numel() + c.data.val.numel())
+            info["source"] = c.data.source
+        elif stage == "bld":
+            c = context()
+            old = _marker(workdir, "bld")
+            if old.is_file():
+                prev = json.loads(old.read_text()).get("hard")
+                hard = _bld_hard_fp(cfg, fps)
+                if prev is not None and prev != hard:
+                    _set_aside(workdir / "library")  # data or training settings changed: retrain
+            library = bld.run(cfg, workdir, c.parent, c.data, c.parent_fingerprint, progress)
+            info["hard"] = _bld_hard_fp(cfg, fps)
+            info["tokens"] = max((r.get("tokens", 0) for r in library.records().values()), default=0)
+            info["blocks_trained"] = sum(1 for r in library.records().values() if r.get("file"))
+        elif stage == "score":
+            c = context()
+            result = scoring.run(cfg, workdir, c.parent, c.data, open_library(workdir, c), progress)
+            info["tokens"] = result["tokens"]
+        elif stage == "costs":
+            from . import costs
+
+            profile = costs.run(cfg, workdir, context().parent, progress)
+            info["device"] = profile["device"]
+        elif stage == "search":
+            result = stage_search(cfg, workdir, _profile_name(cfg, device))
+            info["solutions"] = len(result["solutions"])
+        elif stage == "realize":
+            c = context()
+            info["path"] = str(realize.run(cfg, workdir, c.parent, open_library(workdir, c), c.tokenizer))
+        elif stage == "gkd":
+            c = context()
+            _set_aside_if_changed(workdir / "gkd", workdir / "child", fps["realize"], workdir)
+            gkd.run(cfg, workdir, c.parent, c.data, c.tokenizer, progress)
+            info["tokens"] = json.loads((workdir / "gkd" / "done.json").read_text())["tokens"]
+        elif stage == "baselines":
+            info["tokens"] = _run_baselines(cfg, workdir, context(), device, progress)
+        elif stage == "eval":
+            _run_eval(cfg, workdir, context())
+        elif stage == "report":
+            info["path"] = str(report.write_report(workdir))
+        info.update({"fingerprint": fps[stage], "seconds": round(time.perf_counter() - t0, 1)})
+        atomic_write_json(_marker(workdir, stage), info)
+        summary[stage] = f"done in {info['seconds']:.0f} s"
+    return summary
+
+
+def _bld_hard_fp(cfg: PuzzleConfig, fps: dict) -> str:
+    from .utils import fingerprint
+
+    d = cfg.model_dump(mode="json")
+    return fingerprint(fps["data"], d["init"], d["bld"])  # the search space only adds blocks
+
+
+def _set_aside_if_changed(state_dir: Path, out: Path, source_fp: str, workdir: Path) -> None:
+    marker = state_dir / "source_fingerprint"
+    if marker.is_file() and marker.read_text() != source_fp:
+        _set_aside(state_dir)
+        _set_aside(out)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(source_fp)
+
+
+def _profile_name(cfg: PuzzleConfig, device) -> str:
+    from .costs import device_name
+
+    return cfg.costs.device if cfg.costs.device != "auto" else device_name(device)
+
+
+def _run_baselines(cfg: PuzzleConfig, workdir: Path, ctx: Context, device, progress: bool) -> int:
+    from . import baselines, gkd
+    from .checkpoint.io import save_checkpoint
+    from .library.space import enumerate_alternatives
+    from .realize import assemble_child, choices_from_solution
+
+    scores = json.loads((workdir / "scores" / "replace1.json").read_text())
+    profile = load_profile(workdir, _profile_name(cfg, device))
+    alternatives = [a.name for a in enumerate_alternatives(cfg.search_space, ctx.parent.config)]
+    library = open_library(workdir, ctx)
+    tokens = 0
+    for name, sol in baselines.run(cfg, workdir, scores, profile, alternatives).items():
+        if "infeasible" in sol:
+            log.warning("%s", sol["infeasible"])
+            continue
+        folder = workdir / "baselines" / name
+        realized = folder / "realized"
+        save_checkpoint(assemble_child(ctx.parent, choices_from_solution(sol), library), realized, ctx.tokenizer)
+        gkd.distill(cfg, realized, folder / "child", folder / "gkd", ctx.parent, ctx.data, ctx.tokenizer, progress)
+        tokens += json.loads((folder / "gkd" / "done.json").read_text())["tokens"]
+    return tokens
+
+
+def _run_eval(cfg: PuzzleConfig, workdir: Path, ctx: Context) -> dict:
+    from .checkpoint.io import load_checkpoint
+    from .evaluate import evaluate_models
+
+    device = next(ctx.parent.parameters()).device
+    k = cfg.gkd.solution
+    models = {"parent": ctx.parent}
+    candidates = {f"child (solution {k}) before GKD": workdir / "realized" / f"solution{k}", "child": workdir / "child"}
+    for name in ("width", "depth"):
+        candidates[f"{name} baseline"] = workdir / "baselines" / name / "child"
+    for name, path in candidates.items():
+        if (path / "config.json").is_file():
+            models[name] = load_checkpoint(path).to(device)
+    return evaluate_models(models, "parent", ctx.tokenizer, cfg, ctx.data.val, workdir / "eval")

@@ -67,6 +67,21 @@ def make_tiny_parent(family: str, seed: int = 0):
     return model
 
 
+TINY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'\"-()\n"
+
+
+def make_tiny_tokenizer():
+    """A character-level fast tokenizer whose 80 ids fit the tiny models' vocabulary of 99."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(TINY_CHARS)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny_parent_dir(request, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp(request.param)

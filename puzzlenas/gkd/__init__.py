@@ -91,11 +91,15 @@ def _dist() -> tuple[int, int]:
 def run(cfg, workdir: str | Path, parent, data, tokenizer=None, progress: bool = True) -> Path:
     """Distill workdir/realized/solution<k> into workdir/child; resumes after a kill."""
     workdir = Path(workdir)
+    source = workdir / "realized" / f"solution{cfg.gkd.solution}"
+    return distill(cfg, source, workdir / "child", workdir / "gkd", parent, data, tokenizer, progress)
+
+
+def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokenizer=None, progress: bool = True) -> Path:
+    """Distill the checkpoint in `source` into `out`; state, log and done marker in `state_dir`."""
     g = cfg.gkd
     rank, world = _dist()
-    source = workdir / "realized" / f"solution{g.solution}"
-    out = workdir / "child"
-    done_file = workdir / "gkd" / "done.json"
+    done_file = state_dir / "done.json"
     if done_file.is_file() and json.loads(done_file.read_text()).get("source") == str(source):
         return out
     if not (source / "config.json").is_file():
@@ -108,7 +112,7 @@ def run(cfg, workdir: str | Path, parent, data, tokenizer=None, progress: bool =
     seq_len = data.train.shape[1]
     tokens_per_step = g.batch_size * g.grad_accum * seq_len
     total_steps = max(1, math.ceil(g.tokens / tokens_per_step))
-    state_file = workdir / "gkd" / "state.pt"
+    state_file = state_dir / "state.pt"
     optimizer = torch.optim.AdamW(child.parameters(), lr=g.lr, weight_decay=g.weight_decay)
     step, history = 0, []
     if state_file.is_file():
@@ -168,11 +172,12 @@ def run(cfg, workdir: str | Path, parent, data, tokenizer=None, progress: bool =
     if rank == 0:
         child.eval()
         save_checkpoint(child, out, tokenizer)
-        log_file = workdir / "gkd" / "log.jsonl"
+        log_file = state_dir / "log.jsonl"
         log_file.write_text("".join(json.dumps(h) + "\n" for h in history))
         from ..utils import atomic_write_json
 
         atomic_write_json(done_file, {"source": str(source), "steps": total_steps, "tokens": total_steps * tokens_per_step,
+                                      "seconds": round(time.perf_counter() - t0, 1),
                                       "val_kl_before": history[0].get("val_kl"), "val_kl_after": history[-1].get("val_kl")})
         state_file.unlink(missing_ok=True)
     if world > 1:

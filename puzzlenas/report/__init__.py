@@ -1,0 +1,197 @@
+"""The run's report: report/report.md, report/report.html and two PNG figures.
+
+Reads artifacts only (config.yaml, search/solutions.json, baselines/*/solution.json,
+eval/results.json, stages/*.json, costs/*.json); no stage imports this module, and every number
+shown comes from those files.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+from pathlib import Path
+
+import yaml
+
+from ..utils import atomic_write_text
+
+COLORS = {"gqa": "#4c72b0", "linear": "#dd8452", "no_op": "#d9d9d9", "mlp": "#55a868"}
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def architecture_figure(solution: dict, out: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    layers = solution["layers"]
+    ffn_sizes = [int(x["ffn"].split(".")[-1][3:]) for x in layers if x["ffn"].split(".")[-1].startswith("mlp")]
+    largest = max(ffn_sizes, default=1)
+    fig, ax = plt.subplots(figsize=(6, max(3, 0.22 * len(layers) + 1)))
+    for i, x in enumerate(layers):
+        for col, name in enumerate((x["attention"], x["ffn"])):
+            short = name.split(".")[-1]
+            kind = next(k for k in ("gqa", "linear", "no_op", "mlp") if short.startswith(k))
+            alpha = 0.35 + 0.65 * int(short[3:]) / largest if kind == "mlp" else 1.0  # lighter = narrower
+            ax.add_patch(plt.Rectangle((col, len(layers) - 1 - i), 0.95, 0.9, color=COLORS[kind], alpha=alpha))
+            ax.text(col + 0.47, len(layers) - 1 - i + 0.45, short, ha="center", va="center", fontsize=7)
+    ax.set_xlim(0, 2)
+    ax.set_ylim(0, len(layers))
+    ax.set_xticks([0.47, 1.47], ["attention", "FFN"])
+    ax.set_yticks([len(layers) - 1 - i + 0.45 for i in range(len(layers))], [str(i) for i in range(len(layers))],
+                  fontsize=7)
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=10)
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in COLORS.items()], loc="upper center",
+              bbox_to_anchor=(0.5, -0.04), ncol=4, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def quality_speed_figure(solutions: dict, baselines: dict, results: dict | None, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = 2 if results else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4))
+    axes = axes if ncols > 1 else [axes]
+    ax = axes[0]
+    xs = [s["predicted_speedup"] for s in solutions["solutions"]]
+    ys = [s["damage"] for s in solutions["solutions"]]
+    ax.scatter(xs, ys, label="MIP solutions", color=COLORS["gqa"])
+    for name, b in baselines.items():
+        if "infeasible" not in b:
+            ax.scatter([b["predicted_speedup"]], [b["damage"]], marker="s", label=f"{name} baseline")
+    ax.scatter([1.0], [0.0], marker="*", s=150, color="black", label="parent")
+    ax.set_xlabel("predicted speed-up")
+    ax.set_ylabel(f"summed replace-1-block {solutions['metric']}")
+    ax.set_title("search: predicted")
+    ax.legend(fontsize=8)
+    if results:
+        ax = axes[1]
+        for name, r in results["models"].items():
+            ax.scatter([r["speed"]["total_speedup"]], [r["kl"]], marker="*" if name == "parent" else "o", s=80)
+            ax.annotate(name, (r["speed"]["total_speedup"], r["kl"]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.set_xlabel("measured speed-up (scenario)")
+        ax.set_ylabel("KL to parent (held-out)")
+        ax.set_title("evaluation: measured")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def write_report(workdir: str | Path) -> Path:
+    workdir = Path(workdir)
+    out = workdir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = yaml.safe_load((workdir / "config.yaml").read_text()) if (workdir / "config.yaml").is_file() else {}
+    solutions = _load(workdir / "search" / "solutions.json")
+    results = _load(workdir / "eval" / "results.json")
+    baselines = {p.parent.name: _load(p) for p in sorted((workdir / "baselines").glob("*/solution.json"))}
+    stages = {p.stem: _load(p) for p in sorted((workdir / "stages").glob("*.json"))}
+    md = ["# puzzlenas run report", ""]
+    md += ["## Configuration and hardware", "",
+           f"- parent: `{cfg.get('parent')}`; work directory: `{workdir}`",
+           f"- machine: {platform.machine()}, {platform.system()} {platform.release()}, Python {platform.python_version()}"]
+    if solutions:
+        label = " (estimated)" if solutions.get("estimated") else " (measured)"
+        md.append(f"- cost profile: {solutions['device']}{label}; scoring metric: {solutions['metric']}")
+        md.append("- budgets: " + ", ".join(f"{k} <= {v:.4g}" for k, v in solutions["budgets"].items()))
+    md += ["", "<details><summary>resolved config.yaml</summary>", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(),
+           "```", "</details>", ""]
+    images = []
+    if solutions and solutions["solutions"]:
+        k = cfg.get("gkd", {}).get("solution", 0)
+        chosen = solutions["solutions"][min(k, len(solutions["solutions"]) - 1)]
+        images.append(architecture_figure(chosen, out / "architecture.png", f"chosen child: solution {chosen['rank']}"))
+        md += ["## Chosen child", "", f"Solution {chosen['rank']}: predicted speed-up {chosen['predicted_speedup']:.2f}x, "
+               f"{chosen['params'] / 1e6:.1f} M parameters, summed {solutions['metric']} {chosen['damage']:.4f}.", "",
+               "![architecture](architecture.png)", ""]
+        images.append(quality_speed_figure(solutions, baselines, results, out / "quality_vs_speed.png"))
+        md += ["## Quality vs speed", "", "![quality vs speed](quality_vs_speed.png)", "",
+               "| candidate | predicted speed-up | summed damage | params (M) |", "|---|---|---|---|"]
+        for s in solutions["solutions"]:
+            md.append(f"| solution {s['rank']} | {s['predicted_speedup']:.2f}x | {s['damage']:.4f} | {s['params'] / 1e6:.1f} |")
+        for name, b in baselines.items():
+            if "infeasible" in b:
+                md.append(f"| {name} baseline | not reachable: {b['infeasible']} | | |")
+                continue
+            md.append(f"| {name} baseline ({b.get('description', '')}) | {b['predicted_speedup']:.2f}x | "
+                      f"{b['damage']:.4f} | {b['params'] / 1e6:.1f} |")
+        md.append("")
+    if results:
+        from ..evaluate import format_results
+
+        md += ["## Evaluation", "", format_results(results), "## Predicted vs measured speed", "",
+               "| model | predicted | measured |", "|---|---|---|"]
+        predicted = {"child": chosen["predicted_speedup"] if solutions and solutions["solutions"] else None}
+        for name, b in baselines.items():
+            predicted[f"{name} baseline"] = b.get("predicted_speedup")
+        for name, r in results["models"].items():
+            if name in predicted and predicted[name] is not None:
+                md.append(f"| {name} | {predicted[name]:.2f}x | {r['speed']['total_speedup']:.2f}x |")
+        md.append("")
+    if stages:
+        md += ["## Time and tokens per stage", "", "| stage | wall time (s) | tokens |", "|---|---|---|"]
+        for name, s in stages.items():
+            md.append(f"| {name} | {s.get('seconds', 0):.0f} | {s.get('tokens', '')} |")
+        md.append("")
+    text = "\n".join(md) + "\n"
+    atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / "report.html", _html(text))
+    return out / "report.md"
+
+
+def _html(markdown: str) -> str:
+    """A small, dependency-free rendering: headings, tables, images, lists, code blocks."""
+    body, in_table, in_code = [], False, False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            body.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            body.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-: "):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+            else:
+                body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("!["):
+            src = line[line.index("(") + 1 : line.rindex(")")]
+            body.append(f'<img src="{html.escape(src)}" style="max-width:100%">')
+        elif line.startswith("- "):
+            body.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line.startswith("<"):
+            body.append(line)
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = "body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>puzzlenas report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
