@@ -8,6 +8,7 @@ number`). Every field has a default that makes sense for SmolLM2-135M on a lapto
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -101,14 +102,54 @@ class CostConfig(Section):
     scenario: ScenarioConfig = Field(default_factory=ScenarioConfig)
 
 
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_size(text: str | float | int) -> float:
+    """'40GiB', '500MB', '1.5e9' -> bytes."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise PuzzleError(f"memory {text!r} is not a size (examples: 40GiB, 500MB, 2e9)")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_factor(text: str | float) -> float:
+    """'1.5x' or 1.5 -> 1.5."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*[xX]?\s*", str(text))
+    if not m:
+        raise PuzzleError(f"throughput {text!r} is not a factor (examples: 1.5x, 2)")
+    return float(m.group(1))
+
+
 class SearchConfig(Section):
-    throughput: float | None = Field(1.5, gt=0)  # >= k x the parent's throughput
-    memory_bytes: float | None = None
+    throughput: float | None = Field(1.5, gt=0)  # >= k x the parent's throughput ("1.5x" accepted)
+    memory_bytes: float | None = None  # weights + KV cache of the scenario ("40GiB" accepted)
     latency_s: float | None = None
     params: float | None = None
     solutions: int = Field(5, gt=0)
     diversity: float = Field(0.2, ge=0, le=1)
     time_limit_s: float = Field(60.0, gt=0)
+
+    @field_validator("throughput", mode="before")
+    @classmethod
+    def _factor(cls, v):
+        try:
+            return None if v is None else parse_factor(v)
+        except PuzzleError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("memory_bytes", "params", mode="before")
+    @classmethod
+    def _size(cls, v):
+        try:
+            return None if v is None else parse_size(v)
+        except PuzzleError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class GKDConfig(Section):

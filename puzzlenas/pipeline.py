@@ -260,7 +260,6 @@ def run_pipeline(cfg: PuzzleConfig, workdir: Path, from_stage: str | None = None
             info["path"] = str(realize.run(cfg, workdir, c.parent, open_library(workdir, c), c.tokenizer))
         elif stage == "gkd":
             c = context()
-            _set_aside_if_changed(workdir / "gkd", workdir / "child", fps["realize"], workdir)
             gkd.run(cfg, workdir, c.parent, c.data, c.tokenizer, progress)
             info["tokens"] = json.loads((workdir / "gkd" / "done.json").read_text())["tokens"]
         elif stage == "baselines":
@@ -282,15 +281,6 @@ def _bld_hard_fp(cfg: PuzzleConfig, fps: dict) -> str:
     return fingerprint(fps["data"], d["init"], d["bld"])  # the search space only adds blocks
 
 
-def _set_aside_if_changed(state_dir: Path, out: Path, source_fp: str, workdir: Path) -> None:
-    marker = state_dir / "source_fingerprint"
-    if marker.is_file() and marker.read_text() != source_fp:
-        _set_aside(state_dir)
-        _set_aside(out)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(source_fp)
-
-
 def _profile_name(cfg: PuzzleConfig, device) -> str:
     from .costs import device_name
 
@@ -302,6 +292,7 @@ def _run_baselines(cfg: PuzzleConfig, workdir: Path, ctx: Context, device, progr
     from .checkpoint.io import save_checkpoint
     from .library.space import enumerate_alternatives
     from .realize import assemble_child, choices_from_solution
+    from .utils import atomic_write_json
 
     scores = json.loads((workdir / "scores" / "replace1.json").read_text())
     profile = load_profile(workdir, _profile_name(cfg, device))
@@ -314,7 +305,11 @@ def _run_baselines(cfg: PuzzleConfig, workdir: Path, ctx: Context, device, progr
             continue
         folder = workdir / "baselines" / name
         realized = folder / "realized"
-        save_checkpoint(assemble_child(ctx.parent, choices_from_solution(sol), library), realized, ctx.tokenizer)
+        built_from = folder / "realized_from.json"
+        # re-realize only for a new solution: a resumed run must find the same source to resume GKD
+        if not (realized / "config.json").is_file() or not built_from.is_file() or json.loads(built_from.read_text()) != sol["layers"]:
+            save_checkpoint(assemble_child(ctx.parent, choices_from_solution(sol), library), realized, ctx.tokenizer)
+            atomic_write_json(built_from, sol["layers"])
         gkd.distill(cfg, realized, folder / "child", folder / "gkd", ctx.parent, ctx.data, ctx.tokenizer, progress)
         tokens += json.loads((folder / "gkd" / "done.json").read_text())["tokens"]
     return tokens

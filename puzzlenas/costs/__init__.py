@@ -110,38 +110,64 @@ class Scenario:
         return self.prompt_len + self.generate_len // 2
 
 
+STREAM_BYTES = 256 * 2**20  # more than any CPU's last-level cache
+
+
 @torch.no_grad()
 def measure_alternative(config, alt: Alternative, scenario: Scenario, device, dtype, warmup: int, repeats: int) -> dict:
-    """Median seconds of prefill and of one decode step for `h + block(h)`."""
+    """Median seconds of prefill and of one decode step for `h + block(h)`.
+
+    Timing one small block over and over would keep its weights in the CPU cache, while in the
+    real model every layer's weights stream from memory (decode is memory-bound). So we run
+    enough distinct copies of the block back to back to move STREAM_BYTES of weights, and divide.
+    """
     from transformers.cache_utils import DynamicCache
 
     from ..model.modeling_decilm import DeciLMRotaryEmbedding
 
-    block = build_subblock(config, alt)
-    if block is None:
-        return {"prefill_s": 0.0, "decode_s": 0.0}
-    block = block.to(device=device, dtype=dtype).eval()
+    if alt.kind == "no_op":
+        return {"prefill_s": 0.0, "decode_s": 0.0, "copies": 0}
+    nbytes = alternative_params(config, alt) * torch.finfo(dtype).bits // 8
+    copies = 1 if device.type == "cuda" else max(1, min(64, -(-STREAM_BYTES // max(nbytes, 1))))
+    blocks = [build_subblock(config, alt).to(device=device, dtype=dtype).eval() for _ in range(copies)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     B, P, ctx, C = scenario.batch_size, scenario.prompt_len, scenario.decode_context, config.hidden_size
     rotary = DeciLMRotaryEmbedding(config)
     h = torch.randn(B, P, C, device=device, dtype=dtype)
     pe = rotary(h, torch.arange(P, device=device)[None].expand(B, -1))
-    prefill = _median_time(lambda: h + block(h, pe), warmup, repeats, sync)
+
+    def prefill_all():
+        for b in blocks:
+            h + b(h, pe)
+
+    prefill = _median_time(prefill_all, warmup, repeats, sync) / copies
     h1 = torch.randn(B, 1, C, device=device, dtype=dtype)
     pe1 = rotary(h1, torch.full((B, 1), ctx, device=device))
     if alt.sub == "attention" and alt.kind == "gqa":
-        cache = DynamicCache()
-        kv = torch.randn(B, alt.size, ctx, config.head_dim, device=device, dtype=dtype)
-        cache.update(kv, kv.clone(), 0)
-        attn = block.self_attn
+        caches = []
+        for _ in blocks:
+            cache = DynamicCache()
+            kv = torch.randn(B, alt.size, ctx, config.head_dim, device=device, dtype=dtype)
+            cache.update(kv, kv.clone(), 0)
+            caches.append(cache)
 
-        def step():
-            return h1 + attn(block.input_layernorm(h1), pe1, None, cache)
+        def decode_all():
+            for b, cache in zip(blocks, caches):
+                h1 + b.self_attn(b.input_layernorm(h1), pe1, None, cache)
 
-        decode = _median_time(step, warmup, repeats, sync, reset=lambda: cache.crop(-1))  # drop the token the step appended
+        def reset():
+            for cache in caches:
+                cache.crop(-1)  # drop the token the step appended
+
+        decode = _median_time(decode_all, warmup, repeats, sync, reset=reset) / copies
     else:
-        decode = _median_time(lambda: h1 + block(h1, pe1), warmup, repeats, sync)
-    return {"prefill_s": prefill, "decode_s": decode}
+
+        def decode_all():
+            for b in blocks:
+                h1 + b(h1, pe1)
+
+        decode = _median_time(decode_all, warmup, repeats, sync) / copies
+    return {"prefill_s": prefill, "decode_s": decode, "copies": copies}
 
 
 @torch.no_grad()

@@ -82,6 +82,13 @@ def validation_kl(child, parent, val_ids: torch.Tensor, batch_size: int = 8) -> 
     return total / n
 
 
+def _checkpoint_id(path: Path) -> str:
+    from ..utils import fingerprint
+
+    files = sorted(path.glob("*.safetensors"))
+    return fingerprint((path / "config.json").read_text(), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
 def _dist() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -100,10 +107,11 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
     g = cfg.gkd
     rank, world = _dist()
     done_file = state_dir / "done.json"
-    if done_file.is_file() and json.loads(done_file.read_text()).get("source") == str(source):
-        return out
     if not (source / "config.json").is_file():
         raise PuzzleError(f"{source} not found; run `puzzlenas realize` first")
+    source_id = _checkpoint_id(source)  # a re-realized source (new solution, same path) restarts GKD
+    if done_file.is_file() and json.loads(done_file.read_text()).get("source_id") == source_id and (out / "config.json").is_file():
+        return out
     if g.batch_size % world:
         raise PuzzleError(f"gkd.batch_size={g.batch_size} must be divisible by the {world} torchrun processes")
     device = next(parent.parameters()).device
@@ -117,7 +125,7 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
     step, history = 0, []
     if state_file.is_file():
         state = torch.load(state_file, map_location=device, weights_only=False)
-        if state.get("total_steps") == total_steps and state.get("source") == str(source):
+        if state.get("total_steps") == total_steps and state.get("source_id") == source_id:
             child.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optim"])
             step, history = state["step"], state["history"]
@@ -165,7 +173,7 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
         history.append(entry)
         if rank == 0 and (step % g.checkpoint_every == 0 or step == total_steps):
             atomic_torch_save({"model": child.state_dict(), "optim": optimizer.state_dict(), "step": step,
-                               "total_steps": total_steps, "source": str(source), "history": history}, state_file)
+                               "total_steps": total_steps, "source_id": source_id, "history": history}, state_file)
         if world > 1:
             dist.barrier()
     bar.close()
@@ -176,7 +184,7 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
         log_file.write_text("".join(json.dumps(h) + "\n" for h in history))
         from ..utils import atomic_write_json
 
-        atomic_write_json(done_file, {"source": str(source), "steps": total_steps, "tokens": total_steps * tokens_per_step,
+        atomic_write_json(done_file, {"source": str(source), "source_id": source_id, "steps": total_steps, "tokens": total_steps * tokens_per_step,
                                       "seconds": round(time.perf_counter() - t0, 1),
                                       "val_kl_before": history[0].get("val_kl"), "val_kl_after": history[-1].get("val_kl")})
         state_file.unlink(missing_ok=True)

@@ -49,7 +49,7 @@ def architecture_figure(solution: dict, out: Path, title: str) -> Path:
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=10)
     ax.legend(handles=[Patch(color=c, label=k) for k, c in COLORS.items()], loc="upper center",
-              bbox_to_anchor=(0.5, -0.04), ncol=4, fontsize=7)
+              bbox_to_anchor=(0.5, -0.08), ncol=4, fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -145,7 +145,9 @@ def write_report(workdir: str | Path) -> Path:
         md.append("")
     if stages:
         md += ["## Time and tokens per stage", "", "| stage | wall time (s) | tokens |", "|---|---|---|"]
-        for name, s in stages.items():
+        from ..pipeline import STAGES
+
+        for name, s in sorted(stages.items(), key=lambda kv: STAGES.index(kv[0]) if kv[0] in STAGES else 99):
             md.append(f"| {name} | {s.get('seconds', 0):.0f} | {s.get('tokens', '')} |")
         md.append("")
     text = "\n".join(md) + "\n"

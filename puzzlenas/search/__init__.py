@@ -8,9 +8,9 @@ A new target is a new solve over the same scores and costs: seconds, no retraini
 from __future__ import annotations
 
 import itertools
-import re
 from pathlib import Path
 
+from ..config import parse_factor, parse_size
 from ..costs import alternative_time, scenario_time
 from ..errors import PuzzleError
 from ..library.space import Alternative
@@ -19,29 +19,6 @@ from ..utils import atomic_write_json
 from .mip import Infeasible, Problem, Solution, evaluate, solve
 
 __all__ = ["Infeasible", "Problem", "Solution", "build_problem", "run", "solve", "parse_size", "parse_factor"]
-
-_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str | float | int) -> float:
-    """'40GiB', '500MB', '1.5e9' -> bytes."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise PuzzleError(f"memory {text!r} is not a size (examples: 40GiB, 500MB, 2e9)")
-    return float(m.group(1)) * _UNITS[m.group(2).lower()]
-
-
-def parse_factor(text: str | float) -> float:
-    """'1.5x' or 1.5 -> 1.5."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*[xX]?\s*", text)
-    if not m:
-        raise PuzzleError(f"throughput {text!r} is not a factor (examples: 1.5x, 2)")
-    return float(m.group(1))
-
 
 def layer_alternatives(names: list[str]) -> dict[int, dict[str, list[Alternative]]]:
     out: dict[int, dict[str, list[Alternative]]] = {}

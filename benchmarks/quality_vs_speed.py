@@ -1,0 +1,58 @@
+"""Parent vs puzzlenas child vs width and depth baselines at 1.5x and 2.0x (not run in CI).
+
+    python benchmarks/quality_vs_speed.py [--config configs/smollm2_gutenberg.yaml] [--workdir runs/qvs]
+                                          [--targets 1.5 2.0] [--set key=value ...]
+
+Runs the whole pipeline on SmolLM2-135M with real text from ../shared/data once per target in
+one work directory: data, BLD, scoring and costs are computed once and reused; search, realize,
+GKD, baselines and evaluation are redone per target. Prints, per target, KL to the parent,
+WikiText-2 perplexity, mean lm-eval accuracy and the measured speed-up, and saves each target's
+eval/results.json as results-<target>x.json in the work directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from puzzlenas.config import load_config
+from puzzlenas.pipeline import run_pipeline
+
+ROWS = ["parent", "child", "width baseline", "depth baseline"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "smollm2_gutenberg.yaml"))
+    ap.add_argument("--workdir", default="runs/quality_vs_speed")
+    ap.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0])
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args()
+    workdir = Path(args.workdir)
+    tables = {}
+    for target in args.targets:
+        cfg = load_config(args.config, [*args.set, f"search.throughput={target}"])
+        run_pipeline(cfg, workdir, progress=True)
+        shutil.copy(workdir / "eval" / "results.json", workdir / f"results-{target}x.json")
+        tables[target] = json.loads((workdir / "eval" / "results.json").read_text())
+    cfg = load_config(args.config, args.set)
+    print(f"\nSmolLM2-135M, data {cfg.data.path}, BLD {cfg.bld.tokens} tokens, GKD {cfg.gkd.tokens} tokens per model, "
+          f"lm-eval limit {cfg.eval.limit}/task, WikiText-2 {cfg.eval.ppl_max_tokens or 'all'} tokens")
+    print("\n| target | model | KL | WikiText-2 ppl | mean lm-eval acc | measured speed-up |")
+    print("|---|---|---|---|---|---|")
+    for target, report in tables.items():
+        for name in ROWS:
+            r = report["models"].get(name)
+            if r is None:
+                print(f"| {target}x | {name} | not reachable | | | |")
+                continue
+            accs = [t["acc"] for t in r.get("tasks", {}).values() if "acc" in t]
+            mean_acc = sum(accs) / len(accs) if accs else float("nan")
+            print(f"| {target}x | {name} | {r['kl']:.4f} | {r['wikitext2']['perplexity']:.2f} | {mean_acc:.3f} | "
+                  f"{r['speed']['total_speedup']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
