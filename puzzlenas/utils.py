@@ -94,3 +94,14 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16  # this project's CPUs run bf16 matmul ~2.7x faster than fp32
+
+
+def warmup_cosine_lr(step: int, total: int, lr: float, warmup_fraction: float, min_lr_fraction: float) -> float:
+    """Linear warm-up over warmup_fraction of the steps, then cosine decay to min_lr_fraction * lr."""
+    import math
+
+    warmup = int(warmup_fraction * total)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * (min_lr_fraction + (1 - min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))

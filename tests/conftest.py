@@ -111,3 +111,35 @@ def smollm2_checkpoint(tmp_path_factory) -> Path:
     parent, tokenizer = load_parent("smollm2")
     save_checkpoint(convert_parent(parent), out, tokenizer)
     return out
+
+
+def start_cli(args: list[str]):
+    """`python -m puzzlenas ARGS` in a subprocess, output captured."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "puzzlenas", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def kill_at_step(proc, state_file: Path, min_step: int, timeout: float = 600) -> int | None:
+    """SIGKILL `proc` once its checkpoint `state_file` records step >= min_step; the step, or None
+    if the process ended first."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if state_file.is_file():
+            try:
+                step = torch.load(state_file, weights_only=False)["step"]
+            except Exception:  # caught between write and rename: look again
+                step = 0
+            if step >= min_step:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return step
+        time.sleep(0.05)
+    proc.wait()
+    return None

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import SHARED_DATA, make_tiny_parent, smollm2_gguf
+from conftest import SHARED_DATA, kill_at_step, make_tiny_parent, smollm2_gguf, start_cli
 from safetensors.torch import load_file
 
 from puzzlenas import bld
@@ -184,12 +182,6 @@ def test_library_refuses_another_parent(tiny_workdir):
         _run_bld_inprocess(tmp / "w", TINY_CFG, tmp / "other")
 
 
-def _cli(args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "puzzlenas", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
-
-
 def _library_tensors(workdir: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted((workdir / "library" / "blocks").glob("*.safetensors")):
@@ -208,27 +200,13 @@ def _assert_same_library(a: Path, b: Path, atol=1e-5):
 def test_resume_after_sigkill_equals_uninterrupted_run(tiny_workdir):
     tmp, cfg_file = tiny_workdir
     overrides = ["--set", "bld.tokens=16384", "--set", "bld.checkpoint_every=8", "--quiet"]
-    ref = _cli(["bld", str(cfg_file), "--workdir", str(tmp / "ref"), *overrides])
+    ref = start_cli(["bld", str(cfg_file), "--workdir", str(tmp / "ref"), *overrides])
     assert ref.wait(timeout=600) == 0, ref.stdout.read()
     state = tmp / "killed" / "library" / "state" / "rank0-of1.pt"
-    proc = _cli(["bld", str(cfg_file), "--workdir", str(tmp / "killed"), *overrides])
-    deadline = time.time() + 300
-    killed_at = None
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file():
-            try:
-                step = torch.load(state, weights_only=False)["step"]
-            except Exception:  # mid-rename; try again
-                step = 0
-            if step >= 16:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.05)
-    proc.wait()
+    killed_at = kill_at_step(start_cli(["bld", str(cfg_file), "--workdir", str(tmp / "killed"), *overrides]), state, 16)
     assert killed_at is not None and killed_at < 128, "the run ended before it could be killed midway"
     assert not list((tmp / "killed" / "library" / "blocks").glob("*.safetensors"))
-    resumed = _cli(["bld", str(cfg_file), "--workdir", str(tmp / "killed"), *overrides])
+    resumed = start_cli(["bld", str(cfg_file), "--workdir", str(tmp / "killed"), *overrides])
     out = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, out
     assert "resuming BLD from step" in out
@@ -237,7 +215,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_workdir):
 
 def test_torchrun_two_ranks_equal_one_process(tiny_workdir):
     tmp, cfg_file = tiny_workdir
-    one = _cli(["bld", str(cfg_file), "--workdir", str(tmp / "one"), "--quiet"])
+    one = start_cli(["bld", str(cfg_file), "--workdir", str(tmp / "one"), "--quiet"])
     assert one.wait(timeout=600) == 0, one.stdout.read()
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import SHARED_DATA, make_tiny_parent, smollm2_gguf
+from conftest import SHARED_DATA, kill_at_step, make_tiny_parent, smollm2_gguf, start_cli
 
 from puzzlenas import gkd
 from puzzlenas.checkpoint.io import load_checkpoint, save_checkpoint
@@ -102,12 +100,6 @@ def test_gkd_lowers_validation_kl(gkd_workdir):
     assert log[-1]["step"] == 64 and "val_kl" in log[-1]
 
 
-def _cli(args, env_extra=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "puzzlenas", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
 def _max_weight_diff(a: Path, b: Path) -> float:
     ma, mb = load_checkpoint(a).state_dict(), load_checkpoint(b).state_dict()
     assert ma.keys() == mb.keys()
@@ -119,26 +111,13 @@ def test_gkd_resume_after_sigkill(gkd_workdir):
     for name in ("ref", "killed"):
         _prepare(tmp / name, raw)
     opts = ["--set", "gkd.tokens=32768", "--quiet"]
-    ref = _cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "ref"), *opts])
+    ref = start_cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "ref"), *opts])
     assert ref.wait(timeout=600) == 0, ref.stdout.read()
     state = tmp / "killed" / "gkd" / "state.pt"
-    proc = _cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "killed"), *opts])
-    killed_at, deadline = None, time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file():
-            try:
-                step = torch.load(state, weights_only=False)["step"]
-            except Exception:
-                step = 0
-            if step >= 20:
-                proc.send_signal(signal.SIGKILL)
-                killed_at = step
-                break
-        time.sleep(0.05)
-    proc.wait()
+    killed_at = kill_at_step(start_cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "killed"), *opts]), state, 20)
     assert killed_at is not None and killed_at < 256
     assert not (tmp / "killed" / "child").exists()
-    resumed = _cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "killed"), *opts])
+    resumed = start_cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "killed"), *opts])
     out = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, out
     assert "resuming GKD from step" in out
@@ -150,7 +129,7 @@ def test_gkd_ddp_two_processes_match_one(gkd_workdir):
     for name in ("one", "two"):
         _prepare(tmp / name, raw)
     opts = ["--set", "gkd.tokens=2048", "--quiet"]
-    one = _cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "one"), *opts])
+    one = start_cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "one"), *opts])
     assert one.wait(timeout=600) == 0, one.stdout.read()
     torchrun = Path(sys.executable).with_name("torchrun")
     two = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29544", "-m", "puzzlenas",

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from conftest import SHARED_DATA, make_tiny_parent, make_tiny_tokenizer
+from conftest import SHARED_DATA, kill_at_step, make_tiny_parent, make_tiny_tokenizer, start_cli
 
 from puzzlenas.config import PRESETS, load_config
 from puzzlenas.pipeline import STAGES
@@ -36,29 +30,6 @@ def tiny_run_config(parent_dir: Path) -> dict:
     }
 
 
-def _start(args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "puzzlenas", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def _kill_when(proc, state: Path, min_step: int, timeout: float = 600) -> int | None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file():
-            try:
-                step = torch.load(state, weights_only=False)["step"]
-            except Exception:
-                step = 0
-            if step >= min_step:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return step
-        time.sleep(0.05)
-    proc.wait()
-    return None
-
-
 def test_run_end_to_end_with_kills_in_bld_and_gkd(tmp_path):
     make_tiny_parent("llama").save_pretrained(tmp_path / "parent")
     make_tiny_tokenizer().save_pretrained(tmp_path / "parent")
@@ -66,16 +37,16 @@ def test_run_end_to_end_with_kills_in_bld_and_gkd(tmp_path):
     work = tmp_path / "work"
     args = ["run", str(tmp_path / "cfg.yaml"), "--workdir", str(work), "--quiet"]
 
-    killed_bld = _kill_when(_start(args), work / "library" / "state" / "rank0-of1.pt", 8)
+    killed_bld = kill_at_step(start_cli(args), work / "library" / "state" / "rank0-of1.pt", 8)
     assert killed_bld is not None, "BLD finished before it could be killed"
     assert json.loads((work / "stages" / "data.json").read_text())["tokens"] > 0
     assert not (work / "stages" / "bld.json").exists()
 
-    killed_gkd = _kill_when(_start(args), work / "gkd" / "state.pt", 8)
+    killed_gkd = kill_at_step(start_cli(args), work / "gkd" / "state.pt", 8)
     assert killed_gkd is not None, "GKD finished before it could be killed"
     assert (work / "stages" / "bld.json").is_file() and (work / "stages" / "search.json").is_file()
 
-    final = _start(args)
+    final = start_cli(args)
     out = final.communicate(timeout=900)[0]
     assert final.returncode == 0, out[-4000:]
     assert "resuming GKD from step" in out
@@ -98,11 +69,11 @@ def test_run_end_to_end_with_kills_in_bld_and_gkd(tmp_path):
     assert "| child |" in report and "Predicted vs measured" in report
 
     # a rerun skips everything; a new target redoes the search and what follows, not BLD
-    again = _start(args)
+    again = start_cli(args)
     out = again.communicate(timeout=300)[0]
     assert again.returncode == 0 and out.count("skipped") == len(STAGES), out[-2000:]
     bld_marker = (work / "stages" / "bld.json").read_text()
-    retarget = _start([*args, "--set", "search.throughput=1.1", "--only", "search"])
+    retarget = start_cli([*args, "--set", "search.throughput=1.1", "--only", "search"])
     out = retarget.communicate(timeout=300)[0]
     assert retarget.returncode == 0, out[-2000:]
     assert (work / "stages" / "bld.json").read_text() == bld_marker
@@ -112,12 +83,12 @@ def test_run_end_to_end_with_kills_in_bld_and_gkd(tmp_path):
 def test_run_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("bld: {tokenz: 5}\n")
-    p = _start(["run", str(bad), "--workdir", str(tmp_path / "w")])
+    p = start_cli(["run", str(bad), "--workdir", str(tmp_path / "w")])
     out = p.communicate(timeout=120)[0].strip().splitlines()
     assert p.returncode == 2 and out[-1] == f"puzzlenas: error: {bad}: bld.tokenz: unknown key"
     missing = tmp_path / "m.yaml"
     missing.write_text(yaml.safe_dump({"parent": "smollm2", "data": {"path": str(tmp_path / "nope.txt")}}))
-    p = _start(["run", str(missing), "--workdir", str(tmp_path / "w2"), "--only", "data"])
+    p = start_cli(["run", str(missing), "--workdir", str(tmp_path / "w2"), "--only", "data"])
     out = p.communicate(timeout=300)[0].strip().splitlines()
     assert p.returncode == 2 and "does not exist" in out[-1] and out[-1].startswith("puzzlenas: error:")
 

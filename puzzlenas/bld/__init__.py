@@ -31,7 +31,7 @@ from ..config import PuzzleConfig
 from ..library.init import collect_calibration, init_method_name, initialize, trace_parent
 from ..library.space import Alternative, build_subblock, enumerate_alternatives, is_parent_alternative
 from ..library.store import Library
-from ..utils import atomic_torch_save, autocast_dtype
+from ..utils import atomic_torch_save, autocast_dtype, warmup_cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,7 @@ def nmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def lr_at(step: int, total: int, cfg) -> float:
-    """Linear warm-up, then cosine decay to min_lr_fraction * lr."""
-    warmup = int(cfg.warmup_fraction * total)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return cfg.lr * (cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine_lr(step, total, cfg.lr, cfg.warmup_fraction, cfg.min_lr_fraction)
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:

@@ -34,17 +34,13 @@ from tqdm.auto import tqdm
 from ..bld import batch_indices
 from ..checkpoint.io import load_checkpoint, save_checkpoint
 from ..errors import PuzzleError
-from ..utils import atomic_torch_save, autocast_dtype
+from ..utils import atomic_torch_save, autocast_dtype, warmup_cosine_lr
 
 log = logging.getLogger(__name__)
 
 
 def lr_at(step: int, total: int, cfg) -> float:
-    warmup = int(cfg.warmup_fraction * total)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return cfg.lr * (cfg.min_lr_fraction + (1 - cfg.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine_lr(step, total, cfg.lr, cfg.warmup_fraction, cfg.min_lr_fraction)
 
 
 def distill_loss(child_out, parent_out, input_ids, cfg) -> tuple[torch.Tensor, dict]:
