@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("costs", help="measure (or estimate for a preset device) each alternative's time and memory")
     _stage_arguments(p)
-    p.add_argument("--device", help="a preset to estimate for instead of measuring: h100-sxm, h200, a100-80gb, l40s")
+    p.add_argument("--device", help="a roofline preset to estimate for instead of measuring: h100-sxm, h200, a100-80gb, l40s, cpu-roofline")
     p.set_defaults(func=cmd_costs)
 
     p = sub.add_parser("search", help="solve the MIP for a target; writes search/solutions.json")

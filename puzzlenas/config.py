@@ -95,7 +95,7 @@ class ScenarioConfig(Section):
 
 
 class CostConfig(Section):
-    device: str = "auto"  # "auto": measure here; or a preset name (h100-sxm, h200, a100-80gb, l40s)
+    device: str = "auto"  # "auto": measure here; or a roofline preset (h100-sxm, h200, a100-80gb, l40s, cpu-roofline)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     warmup: int = Field(2, ge=0)
     repeats: int = Field(7, gt=0)

@@ -127,6 +127,20 @@ def test_estimated_profile_is_labelled_and_monotone():
     assert t["layer000.attention.gqa2"]["kv_bytes"] == 2 * t["layer000.attention.gqa1"]["kv_bytes"] > 0
 
 
+def test_cpu_roofline_preset_is_measured_and_labelled(tmp_path):
+    from puzzlenas import costs as costs_stage
+    from puzzlenas.config import config_from_dict
+
+    parent = convert_parent(make_tiny_parent("llama"))
+    cfg = config_from_dict({"costs": {"device": "cpu-roofline"}, "search_space": {"ffn_multiple_of": 8}})
+    profile = costs_stage.run(cfg, tmp_path, parent, progress=False)
+    assert profile["estimated"] and "estimated" in profile["preset"]["name"]
+    assert profile["preset"]["flops"] > 1e9 and profile["preset"]["bandwidth"] > 1e8
+    assert (tmp_path / "costs" / "cpu-roofline.json").is_file()
+    with pytest.raises(Exception, match="unknown"):
+        costs_stage.run(config_from_dict({"costs": {"device": "tpu9"}}), tmp_path, parent, progress=False)
+
+
 def test_measured_scenario_and_search_end_to_end_on_tiny_parent(tmp_path):
     """Costs measured here, no-op-only scores, a 1.3x solve whose child really is faster."""
     from puzzlenas import costs as costs_stage

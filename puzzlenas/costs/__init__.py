@@ -15,7 +15,9 @@ Memory is counted, not measured: weight bytes in the serving dtype and KV-cache 
 B x (P + G) tokens.
 
 For a device that is not here, `estimate_profile` gives a roofline estimate from the device's
-published peak FLOP/s and memory bandwidth; it is labelled "estimated" everywhere it is shown.
+published peak FLOP/s and memory bandwidth (presets h100-sxm, h200, a100-80gb, l40s; and
+cpu-roofline, this CPU's measured matmul peak and copy bandwidth); it is labelled "estimated"
+everywhere it is shown.
 """
 
 from __future__ import annotations
@@ -214,6 +216,25 @@ def measure_shared(parent, scenario: Scenario, warmup: int, repeats: int, dtype=
     return {"prefill_s": m["prefill_s"], "decode_s": m["decode_s"] / scenario.generate_len}
 
 
+def measure_cpu_roofline() -> dict:
+    """This CPU as a roofline preset: its measured fp32 matmul peak and memory copy bandwidth."""
+    n, reps = 2048, 5
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    flops = 2 * n**3 * reps / (time.perf_counter() - t)
+    src = torch.empty(64 * 2**20, dtype=torch.uint8)  # 64 MiB: past the last-level cache
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    bandwidth = 2 * src.numel() * reps / (time.perf_counter() - t)  # read + write
+    return {"name": f"{device_name(torch.device('cpu'))} roofline (estimated)", "flops": flops, "bandwidth": bandwidth}
+
+
 def run(cfg, workdir: str | Path, parent, progress: bool = True) -> dict:
     """Measure (or estimate, for a preset device) and save costs/<device>.json."""
     from tqdm.auto import tqdm
@@ -222,9 +243,16 @@ def run(cfg, workdir: str | Path, parent, progress: bool = True) -> dict:
     c = cfg.costs
     scenario = Scenario(c.scenario.batch_size, c.scenario.prompt_len, c.scenario.generate_len)
     alternatives = enumerate_alternatives(cfg.search_space, parent.config)
-    if c.device != "auto":
+    if c.device == "cpu-roofline":
+        preset = measure_cpu_roofline()
+        profile = estimate_profile(parent.config, alternatives, scenario, preset, "float32" if c.dtype == "auto" else c.dtype)
+        profile["device"] = "cpu-roofline"
+        profile["preset"] = preset
+    elif c.device != "auto":
         if c.device not in DEVICE_PRESETS:
-            raise PuzzleError(f"costs.device={c.device!r} is unknown (accepted: auto, {', '.join(DEVICE_PRESETS)})")
+            raise PuzzleError(
+                f"costs.device={c.device!r} is unknown (accepted: auto, cpu-roofline, {', '.join(DEVICE_PRESETS)})"
+            )
         profile = estimate_profile(parent.config, alternatives, scenario, DEVICE_PRESETS[c.device],
                                    serving_dtype("bfloat16" if c.dtype == "auto" else c.dtype, torch.device("cuda")))
         profile["device"] = c.device
