@@ -69,6 +69,14 @@ class InitConfig(Section):
     linear_ridge: float = Field(1e-2, ge=0)
 
 
+class CoupledPairConfig(Section):
+    """One layer's attention and FFN alternative trained together (coupled BLD)."""
+
+    layer: int = Field(ge=0)
+    attention: AttentionChoice
+    ffn: FFNChoice
+
+
 class BLDConfig(Section):
     tokens: int = Field(131072, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -79,6 +87,9 @@ class BLDConfig(Section):
     grad_clip: float = Field(1.0, ge=0)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     checkpoint_every: int = Field(50, gt=0)
+    # coupled BLD: these (layer, attention, ffn) pairs are also trained as one unit that imitates
+    # the parent's whole layer; the search then uses the pair's own score and weights
+    coupled: list[CoupledPairConfig] = Field(default_factory=list)
 
 
 class ScoringConfig(Section):

@@ -256,3 +256,29 @@ def test_smollm2_bld_beats_init_beats_random(tmp_path):
     for alt, rand in random_val.items():
         r = library.records()[alt.name]
         assert r["val_nmse"] < r["val_nmse_init"] < rand, (alt.name, r["val_nmse"], r["val_nmse_init"], rand)
+
+
+def test_coupled_pair_trains_scores_and_realizes(tiny_workdir):
+    from puzzlenas.library.space import CoupledPair
+    from puzzlenas.realize import assemble_child, parent_choices
+    from puzzlenas.scoring import score_alternatives
+
+    tmp, _ = tiny_workdir
+    cfg_dict = {**TINY_CFG, "bld": {**TINY_CFG["bld"], "coupled": [{"layer": 1, "attention": 1, "ffn": 0.5}]}}
+    library, parent, data = _run_bld_inprocess(tmp / "w", cfg_dict, tmp / "parent")
+    pair = CoupledPair(Alternative(1, "attention", "gqa", 1), Alternative(1, "ffn", "mlp", 48))
+    record = library.records()[pair.name]
+    assert record["sub"] == "pair" and record["init"] == "coupled(kv-mean-pool, channels-contribution)"
+    assert record["val_nmse"] < 0.95 * record["val_nmse_init"]
+    # the pair file holds both halves under the layer's own parameter names
+    state = library.load_block(pair)
+    assert {"input_layernorm.weight", "self_attn.k_proj.weight", "mlp.down_proj.weight"} <= set(state)
+    choices = parent_choices(parent.config)
+    choices[1] = (pair.attention, pair.ffn)
+    child = assemble_child(parent, choices, library)
+    assert torch.equal(child.model.layers[1].self_attn.k_proj.weight, state["self_attn.k_proj.weight"])
+    scores = score_alternatives(parent, library, [pair, pair.attention], data.val[:2], progress=False)
+    assert scores[pair.name]["kl"] > 0 and scores[pair.attention.name]["kl"] > 0
+    with pytest.raises(PuzzleError, match="not in the search space"):
+        bad = {**TINY_CFG, "bld": {**TINY_CFG["bld"], "coupled": [{"layer": 0, "attention": 1, "ffn": 0.3}]}}
+        _run_bld_inprocess(tmp / "w2", bad, tmp / "parent")

@@ -193,3 +193,22 @@ def test_smollm2_noop_scores_are_reproducible(tmp_path):
     assert np.allclose(kl0, kl1, rtol=1e-5)
     assert np.argsort(kl0).tolist() == np.argsort(kl1).tolist()
     assert max(kl0) > 10 * min(kl0)  # layers differ: removing the first FFN hurts far more than a middle one
+
+
+def test_coupled_pair_uses_its_own_score_in_the_mip():
+    from puzzlenas.config import config_from_dict
+    from puzzlenas.library.space import pair_name
+    from puzzlenas.search import build_problem
+
+    parent = convert_parent(make_tiny_parent("llama"))
+    space = config_from_dict({"search_space": {"ffn": [1.0, "no_op"], "attention": [2, "no_op"]}}).search_space
+    alts = enumerate_alternatives(space, parent.config)
+    profile = estimate_profile(parent.config, alts, Scenario(1, 16, 8), DEVICE_PRESETS["l40s"], "bfloat16")
+    scores = {a.name: {"kl": 0.25} for a in alts}
+    a, f = Alternative(2, "attention", "no_op"), Alternative(2, "ffn", "no_op")
+    scores[pair_name(a, f)] = {"kl": 0.1}  # trained together, the pair hurts less than its halves' sum
+    problem, _ = build_problem(scores, profile, "kl", [x.name for x in alts])
+    p = problem.options[2].index((a.name, f.name))
+    assert problem.damage[2][p] == 0.1
+    q = problem.options[1].index((Alternative(1, "attention", "no_op").name, Alternative(1, "ffn", "no_op").name))
+    assert problem.damage[1][q] == 0.5

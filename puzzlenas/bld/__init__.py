@@ -28,8 +28,15 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..config import PuzzleConfig
-from ..library.init import collect_calibration, init_method_name, initialize, trace_parent
-from ..library.space import Alternative, build_subblock, enumerate_alternatives, is_parent_alternative
+from ..library.init import collect_calibration, init_method_name, initialize_unit, trace_parent
+from ..library.space import (
+    Alternative,
+    build_subblock,
+    build_unit,
+    enumerate_alternatives,
+    enumerate_pairs,
+    is_parent_alternative,
+)
 from ..library.store import Library
 from ..utils import atomic_torch_save, autocast_dtype, warmup_cosine_lr
 
@@ -74,11 +81,21 @@ def validation_nmse(blocks: dict[Alternative, torch.nn.Module], parent, val_ids:
         ids = val_ids[start : start + batch_size].to(device)
         for layer, a_in, a_out, f_in, f_out, pe in trace_parent(parent, ids, layers):
             for alt in by_layer[layer]:
-                h, y = (a_in, a_out) if alt.sub == "attention" else (f_in, f_out)
+                h, y = unit_io(alt, a_in, a_out, f_in, f_out)
                 pred = blocks[alt](h, pe).float()
                 err[alt] += (pred - y.float()).pow(2).sum().item()
                 ref[alt] += y.float().pow(2).sum().item()
     return {a: err[a] / max(ref[a], 1e-12) for a in blocks}
+
+
+def unit_io(unit, a_in, a_out, f_in, f_out):
+    """(input, target) of a unit: a sub-block sees the residual entering it and imitates what the
+    parent's sub-block adds; a coupled pair sees the layer's input and imitates the whole layer."""
+    if unit.sub == "attention":
+        return a_in, a_out
+    if unit.sub == "ffn":
+        return f_in, f_out
+    return a_in, a_out + f_out
 
 
 def _dist_info() -> tuple[int, int]:
@@ -100,7 +117,8 @@ def run(cfg: PuzzleConfig, workdir: str | Path, parent, data, parent_fingerprint
     library = Library(workdir / "library", parent_fingerprint, data.fingerprint)
     alternatives = enumerate_alternatives(cfg.search_space, parent.config)
     trainable = [a for a in alternatives if a.trainable and not is_parent_alternative(a, parent.config)]
-    todo = [a for a in trainable if not library.is_done(a)]
+    pairs = enumerate_pairs(cfg.bld.coupled, cfg.search_space, parent.config)
+    todo = [a for a in [*trainable, *pairs] if not library.is_done(a)]
     mine = todo[rank::world]
     if mine:
         _train(cfg, parent, data, library, mine, rank, world, device, progress)
@@ -133,7 +151,7 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
     total_steps = max(1, math.ceil(bld.tokens / (bld.batch_size * seq_len)))
     state_file = library.state_dir / f"rank{rank}-of{world}.pt"
     names = [a.name for a in mine]
-    blocks = {a: build_subblock(parent.config, a).to(device) for a in mine}
+    blocks = {a: build_unit(parent.config, a).to(device) for a in mine}
     state = None
     if state_file.is_file():
         state = torch.load(state_file, map_location=device, weights_only=False)
@@ -174,7 +192,7 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
             for layer, a_in, a_out, f_in, f_out, pe in stream:
                 layer_loss = 0.0
                 for alt in by_layer[layer]:
-                    h, y = (a_in, a_out) if alt.sub == "attention" else (f_in, f_out)
+                    h, y = unit_io(alt, a_in, a_out, f_in, f_out)
                     loss = nmse(blocks[alt](h, pe), y)
                     layer_loss = layer_loss + loss
                     state["train_nmse"][alt.name] = loss.item()
@@ -204,8 +222,9 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
         b.eval()
     final_val = validation_nmse(blocks, parent, data.val.to(device))
     for a in mine:
+        described = {"attention": a.attention.name, "ffn": a.ffn.name} if a.sub == "pair" else {"kind": a.kind, "size": a.size}
         record = {
-            "layer": a.layer, "sub": a.sub, "kind": a.kind, "size": a.size,
+            "layer": a.layer, "sub": a.sub, **described,
             "init": state["init_method"][a.name],
             "tokens": total_steps * tokens_per_step,
             "train_seconds": round(state.get("seconds", 0.0), 3),  # this rank's whole loop, all its blocks
@@ -231,7 +250,7 @@ def _fresh_state(cfg, parent, data, blocks, names, total_steps, device) -> dict:
     init_method, extra = {}, {}
     for a, block in blocks.items():
         layer = parent.model.layers[a.layer]
-        init_method[a.name] = initialize(block, a, layer, acts[a.layer], cfg.init)
+        init_method[a.name] = initialize_unit(block, a, layer, acts[a.layer], cfg.init, parent.config)
     val_init = validation_nmse(blocks, parent, data.val.to(device))
     # Channel selection: also measure the other criterion, so the choice is backed by numbers.
     other = "weight_norm" if cfg.init.ffn_channels == "contribution" else "contribution"
@@ -265,7 +284,7 @@ def _fresh_state(cfg, parent, data, blocks, names, total_steps, device) -> dict:
 
 
 def summary_table(library: Library) -> str:
-    rows = [r for r in library.records().values() if r.get("file")]
+    rows = [r for r in library.records().values() if r.get("file")]  # trained alternatives and pairs
     lines = [f"{'alternative':<28} {'init':<22} {'val nmse init':>13} {'val nmse':>10}"]
     for r in rows:
         lines.append(f"{r['name']:<28} {r['init']:<22} {r['val_nmse_init']:>13.5f} {r['val_nmse']:>10.5f}")

@@ -157,3 +157,26 @@ def init_method_name(alt: Alternative, cfg: InitConfig) -> str:
 def initialize(block: SubBlock, alt: Alternative, parent_layer, acts: LayerActivations, cfg: InitConfig) -> str:
     INITIALIZERS[(alt.sub, alt.kind)](block, alt, parent_layer, acts, cfg)
     return init_method_name(alt, cfg)
+
+
+def initialize_unit(block, unit, parent_layer, acts: LayerActivations, cfg: InitConfig, config) -> str:
+    """Initialize an alternative, or each half of a coupled pair the way it is initialized alone
+    (the parent's own sub-block copied as is)."""
+    from .space import CoupledPair, build_subblock, is_parent_alternative
+
+    if not isinstance(unit, CoupledPair):
+        return initialize(block, unit, parent_layer, acts, cfg)
+    methods = []
+    for alt in (unit.attention, unit.ffn):
+        if alt.kind == "no_op":
+            methods.append("no_op")
+            continue
+        part = build_subblock(config, alt).to(next(block.parameters()).device)
+        if is_parent_alternative(alt, config):
+            part.load_state_dict({k: v for k, v in parent_layer.state_dict().items() if k in part.state_dict()})
+            methods.append("parent")
+        else:
+            methods.append(initialize(part, alt, parent_layer, acts, cfg))
+        missing, unexpected = block.load_state_dict(part.state_dict(), strict=False)
+        assert not unexpected, unexpected
+    return "coupled(" + ", ".join(methods) + ")"

@@ -161,3 +161,74 @@ def parent_subblock_state(parent, alt: Alternative) -> dict[str, torch.Tensor]:
     prefixes = ("input_layernorm.", "self_attn.") if alt.sub == "attention" else ("post_attention_layernorm.", "mlp.")
     layer = parent.model.layers[alt.layer]
     return {k: v for k, v in layer.state_dict().items() if k.startswith(prefixes)}
+
+
+@dataclass(frozen=True, order=True)
+class CoupledPair:
+    """An attention and an FFN alternative of one layer, trained together (coupled BLD)."""
+
+    attention: Alternative
+    ffn: Alternative
+    sub = "pair"
+
+    @property
+    def layer(self) -> int:
+        return self.attention.layer
+
+    @property
+    def name(self) -> str:
+        return pair_name(self.attention, self.ffn)
+
+
+def pair_name(attention: Alternative, ffn: Alternative) -> str:
+    short = lambda a: f"{a.kind}{a.size}" if a.size is not None else a.kind  # noqa: E731
+    return f"layer{attention.layer:03d}.pair.{short(attention)}+{short(ffn)}"
+
+
+def enumerate_pairs(coupled, space: SearchSpaceConfig, config: DeciLMConfig) -> list[CoupledPair]:
+    """The coupled pairs named in bld.coupled, each checked against the layer's alternatives."""
+    alternatives = set(enumerate_alternatives(space, config))
+    pairs = []
+    for entry in coupled:
+        layer = entry.layer
+        if layer >= config.num_hidden_layers:
+            raise PuzzleError(f"bld.coupled: layer {layer} does not exist (the parent has {config.num_hidden_layers})")
+        parent_ffn = config.block_configs[layer].ffn.intermediate_size
+        (attn,) = _attention_alternatives(layer, [entry.attention], config)
+        (ffn,) = _ffn_alternatives(layer, [entry.ffn], parent_ffn, space.ffn_multiple_of)
+        for alt in (attn, ffn):
+            if alt not in alternatives:
+                raise PuzzleError(f"bld.coupled: {alt.name} is not in the search space of layer {layer}")
+        if attn.kind == "no_op" and ffn.kind == "no_op":
+            raise PuzzleError(f"bld.coupled: layer {layer}: a pair of two no-ops has nothing to train")
+        pairs.append(CoupledPair(attn, ffn))
+    return sorted(set(pairs))
+
+
+class PairBlock(nn.Module):
+    """A whole layer made of one attention and one FFN alternative: h -> layer(h) - h.
+    Its parameter names are the decoder layer's own, like a SubBlock's."""
+
+    def __init__(self, config: DeciLMConfig, pair: CoupledPair):
+        super().__init__()
+        self.alt = pair
+        self.sub = "pair"
+        attn, ffn = build_subblock(config, pair.attention), build_subblock(config, pair.ffn)
+        self.has_attention, self.has_ffn = attn is not None, ffn is not None
+        if attn is not None:
+            self.input_layernorm, self.self_attn = attn.input_layernorm, attn.self_attn
+        if ffn is not None:
+            self.post_attention_layernorm, self.mlp = ffn.post_attention_layernorm, ffn.mlp
+
+    def forward(self, h: torch.Tensor, position_embeddings=None) -> torch.Tensor:
+        x = h
+        if self.has_attention:
+            x = x + self.self_attn(self.input_layernorm(x), position_embeddings)
+        if self.has_ffn:
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x - h
+
+
+def build_unit(config: DeciLMConfig, unit) -> nn.Module | None:
+    """The trainable module of an alternative or of a coupled pair."""
+    return PairBlock(config, unit) if isinstance(unit, CoupledPair) else build_subblock(config, unit)

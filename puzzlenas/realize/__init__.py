@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import PuzzleError
-from ..library.space import Alternative, is_parent_alternative, parent_subblock_state
+from ..library.space import Alternative, CoupledPair, is_parent_alternative, parent_subblock_state
 from ..library.store import Library
 from ..model import BlockConfig, DeciLMConfig, DeciLMForCausalLM
 
@@ -53,6 +53,13 @@ def assemble_child(
         child.lm_head.weight.copy_(parent.lm_head.weight)
     for layer, (attn, ffn) in enumerate(choices):
         target = child.model.layers[layer]
+        pair = CoupledPair(attn, ffn)
+        if library is not None and not random_weights and library.is_done(pair):
+            # a pair trained together (coupled BLD) is used as a unit: both halves from its file
+            missing, unexpected = target.load_state_dict(library.load_block(pair), strict=False)
+            if unexpected or missing:
+                raise PuzzleError(f"block {pair.name} does not fit layer {layer}: missing {missing}, unexpected {unexpected}")
+            continue
         for alt in (attn, ffn):
             if alt.kind == "no_op":
                 continue

@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import PuzzleError
-from ..library.space import Alternative, build_subblock, enumerate_alternatives, is_parent_alternative
+from ..library.space import (
+    Alternative,
+    CoupledPair,
+    build_unit,
+    enumerate_alternatives,
+    enumerate_pairs,
+    is_parent_alternative,
+)
 from ..library.store import Library
 from ..utils import atomic_write_json, fingerprint
 
@@ -61,10 +68,10 @@ def score_alternatives(parent, library: Library | None, alternatives: list[Alter
                        batch_size: int = 4, progress: bool = True) -> dict[str, dict]:
     """Replace-1-block metrics for `alternatives` on token sequences `ids` (N, T)."""
     device = next(parent.parameters()).device
-    todo = [a for a in alternatives if not is_parent_alternative(a, parent.config)]
+    todo = [a for a in alternatives if isinstance(a, CoupledPair) or not is_parent_alternative(a, parent.config)]
     blocks = {}
     for a in todo:
-        block = build_subblock(parent.config, a)
+        block = build_unit(parent.config, a)
         if block is not None:
             block.load_state_dict(library.load_block(a))
             blocks[a] = block.to(device=device, dtype=next(parent.parameters()).dtype).eval()
@@ -101,8 +108,10 @@ def score_alternatives(parent, library: Library | None, alternatives: list[Alter
                     h2 = h_attn if block is None else h_attn + block(h_attn, pe)
                     if parent_layer.mlp is not None:
                         h2 = h2 + parent_layer.mlp(parent_layer.post_attention_layernorm(h2))
-                else:
+                elif a.sub == "ffn":
                     h2 = h_ffn if block is None else h_ffn + block(h_ffn, pe)
+                else:  # a coupled pair replaces the whole layer
+                    h2 = h_attn + block(h_attn, pe)
                 logits = _run_tail(parent, h2, layer_idx + 1, pe)[:, :-1].flatten(0, 1)
                 m = compare_logits(parent_logp, logits, labels)
                 for k in totals[a]:
@@ -131,7 +140,8 @@ def run(cfg, workdir: str | Path, parent, data, library: Library, progress: bool
     """Score every alternative of the search space; cached in scores/replace1.json."""
     workdir = Path(workdir)
     out_file = workdir / "scores" / "replace1.json"
-    alternatives = enumerate_alternatives(cfg.search_space, parent.config)
+    alternatives = [*enumerate_alternatives(cfg.search_space, parent.config),
+                    *enumerate_pairs(cfg.bld.coupled, cfg.search_space, parent.config)]
     missing = [a.name for a in alternatives if not library.is_done(a)]
     if missing:
         raise PuzzleError(f"the library lacks {len(missing)} blocks (first: {missing[0]}); run `puzzlenas bld` first")

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import parse_factor, parse_size
 from ..costs import alternative_time, scenario_time
 from ..errors import PuzzleError
-from ..library.space import Alternative
+from ..library.space import Alternative, pair_name
 from ..scoring import damage
 from ..utils import atomic_write_json
 from .mip import Infeasible, Problem, Solution, evaluate, solve
@@ -36,7 +36,9 @@ def build_problem(scores: dict, profile: dict, metric: str, alternatives: list[s
     for layer in sorted(by_layer):
         pairs = list(itertools.product(by_layer[layer]["attention"], by_layer[layer]["ffn"]))
         options.append([(a.name, f.name) for a, f in pairs])
-        dmg.append([damage(scores[a.name], metric) + damage(scores[f.name], metric) for a, f in pairs])
+        # a coupled pair (trained together) has its own measured damage; others add up their halves
+        dmg.append([damage(scores[pair_name(a, f)], metric) if pair_name(a, f) in scores
+                    else damage(scores[a.name], metric) + damage(scores[f.name], metric) for a, f in pairs])
         prof = profile["alternatives"]
         costs["time"].append([alternative_time(profile, a.name) + alternative_time(profile, f.name) for a, f in pairs])
         costs["latency"].append([prof[a.name]["decode_s"] + prof[f.name]["decode_s"] for a, f in pairs])
