@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..config import PuzzleConfig
-from ..library.init import collect_calibration, init_method_name, initialize_unit, trace_parent
+from ..library.init import collect_calibration, initialize_unit, trace_parent
 from ..library.space import (
     Alternative,
     build_subblock,
@@ -291,4 +291,4 @@ def summary_table(library: Library) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run", "nmse", "validation_nmse", "summary_table", "init_method_name"]
+__all__ = ["run", "nmse", "validation_nmse", "summary_table"]
