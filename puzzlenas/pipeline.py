@@ -154,20 +154,25 @@ STAGES = ["data", "bld", "score", "costs", "search", "realize", "gkd", "baseline
 
 
 def stage_fingerprints(cfg: PuzzleConfig, device_name: str) -> dict[str, str]:
-    """Each stage's inputs: its config sections and its upstream stages' fingerprints."""
+    """Each stage's inputs: its config sections and its upstream stages' fingerprints.
+
+    Fields left at their defaults are not hashed, so a new option added to a later release (with
+    a default that keeps the old behaviour) does not invalidate finished work.
+    """
     from .utils import fingerprint
 
-    d = cfg.model_dump(mode="json")
+    d = cfg.model_dump(mode="json", exclude_defaults=True)
+    sec = lambda name: d.get(name, {})  # noqa: E731
     fp = {}
-    fp["data"] = fingerprint(d["parent"], d["data"], d["seed"])
-    fp["bld"] = fingerprint(fp["data"], d["init"], d["bld"], d["search_space"])
-    fp["score"] = fingerprint(fp["bld"], d["scoring"])
-    fp["costs"] = fingerprint(d["parent"], d["search_space"], d["costs"], device_name)
-    fp["search"] = fingerprint(fp["score"], fp["costs"], d["search"])
-    fp["realize"] = fingerprint(fp["search"], d["gkd"]["solution"])
-    fp["gkd"] = fingerprint(fp["realize"], d["gkd"])
-    fp["baselines"] = fingerprint(fp["score"], fp["costs"], d["search"]["throughput"], d["gkd"])
-    fp["eval"] = fingerprint(fp["gkd"], fp["baselines"], d["eval"], d["costs"]["scenario"])
+    fp["data"] = fingerprint(cfg.parent, sec("data"), cfg.seed)
+    fp["bld"] = fingerprint(fp["data"], sec("init"), sec("bld"), sec("search_space"))
+    fp["score"] = fingerprint(fp["bld"], sec("scoring"))
+    fp["costs"] = fingerprint(cfg.parent, sec("search_space"), sec("costs"), device_name)
+    fp["search"] = fingerprint(fp["score"], fp["costs"], sec("search"))
+    fp["realize"] = fingerprint(fp["search"], cfg.gkd.solution)
+    fp["gkd"] = fingerprint(fp["realize"], sec("gkd"))
+    fp["baselines"] = fingerprint(fp["score"], fp["costs"], cfg.search.throughput, sec("gkd"))
+    fp["eval"] = fingerprint(fp["gkd"], fp["baselines"], sec("eval"), sec("costs").get("scenario", {}))
     fp["report"] = fingerprint(fp["eval"])
     return fp
 
@@ -277,8 +282,8 @@ def run_pipeline(cfg: PuzzleConfig, workdir: Path, from_stage: str | None = None
 def _bld_hard_fp(cfg: PuzzleConfig, fps: dict) -> str:
     from .utils import fingerprint
 
-    d = cfg.model_dump(mode="json")
-    return fingerprint(fps["data"], d["init"], d["bld"])  # the search space only adds blocks
+    d = cfg.model_dump(mode="json", exclude_defaults=True)
+    return fingerprint(fps["data"], d.get("init", {}), d.get("bld", {}))  # the search space only adds blocks
 
 
 def _profile_name(cfg: PuzzleConfig, device) -> str:
@@ -300,10 +305,11 @@ def _run_baselines(cfg: PuzzleConfig, workdir: Path, ctx: Context, device, progr
     library = open_library(workdir, ctx)
     tokens = 0
     for name, sol in baselines.run(cfg, workdir, scores, profile, alternatives).items():
+        folder = workdir / "baselines" / name
         if "infeasible" in sol:
             log.warning("%s", sol["infeasible"])
+            _set_aside(folder / "child")  # a child from an earlier target must not be evaluated as this one's
             continue
-        folder = workdir / "baselines" / name
         realized = folder / "realized"
         built_from = folder / "realized_from.json"
         # re-realize only for a new solution: a resumed run must find the same source to resume GKD
@@ -324,7 +330,9 @@ def _run_eval(cfg: PuzzleConfig, workdir: Path, ctx: Context) -> dict:
     models = {"parent": ctx.parent}
     candidates = {f"child (solution {k}) before GKD": workdir / "realized" / f"solution{k}", "child": workdir / "child"}
     for name in ("width", "depth"):
-        candidates[f"{name} baseline"] = workdir / "baselines" / name / "child"
+        solution = workdir / "baselines" / name / "solution.json"
+        if solution.is_file() and "infeasible" not in json.loads(solution.read_text()):
+            candidates[f"{name} baseline"] = workdir / "baselines" / name / "child"
     for name, path in candidates.items():
         if (path / "config.json").is_file():
             models[name] = load_checkpoint(path).to(device)
