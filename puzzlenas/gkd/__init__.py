@@ -61,21 +61,15 @@ def distill_loss(child_out, parent_out, input_ids, cfg) -> tuple[torch.Tensor, d
     return loss, {"kl": kl.item(), "cos": cos.item(), **({"lm": lm.item()} if lm is not None else {})}
 
 
-@torch.no_grad()
 def validation_kl(child, parent, val_ids: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean per-token KL(parent || child) on validation sequences, fp32."""
-    device = next(child.parameters()).device
-    total, n = 0.0, 0
+    """Mean per-token KL(parent || child) on validation sequences, fp32, in eval mode."""
+    from ..evaluate import kl_and_agreement
+
     was_training = child.training
     child.eval()
-    for start in range(0, len(val_ids), batch_size):
-        ids = val_ids[start : start + batch_size].to(device)
-        c = F.log_softmax(child(ids, use_cache=False).logits[:, :-1].float(), -1)
-        p = F.log_softmax(parent(ids, use_cache=False).logits[:, :-1].float(), -1)
-        total += F.kl_div(c, p, log_target=True, reduction="sum").item()
-        n += c.shape[0] * c.shape[1]
+    kl = kl_and_agreement(child, parent, val_ids, batch_size)["kl"]
     child.train(was_training)
-    return total / n
+    return kl
 
 
 def _checkpoint_id(path: Path) -> str:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import PuzzleError
+from ..library.init import trace_parent
 from ..library.space import (
     Alternative,
     CoupledPair,
@@ -86,15 +87,11 @@ def score_alternatives(parent, library: Library | None, alternatives: list[Alter
         batch = ids[start : start + batch_size].to(device)
         labels = batch[:, 1:].flatten()
         model = parent.model
-        h = model.embed_tokens(batch)
-        B, T = batch.shape
-        pe = model.rotary_emb(h, torch.arange(T, device=device)[None].expand(B, -1))
-        entering = []  # (residual entering attention, entering FFN) per layer: the shared prefix
-        for layer in model.layers:
-            entering.append((h,))
-            h = h + layer.self_attn(layer.input_layernorm(h), pe)
-            entering[-1] += (h,)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        traced = list(trace_parent(parent, batch))
+        # (residual entering attention, entering FFN) per layer: the shared prefix
+        entering = [(a_in, f_in) for _, a_in, _, f_in, _, _ in traced]
+        _, _, _, last_in, last_out, pe = traced[-1]
+        h = last_in + last_out  # leaving the last layer
         parent_logits = parent.lm_head(model.norm(h))[:, :-1].flatten(0, 1)
         parent_logp = F.log_softmax(parent_logits.float(), dim=-1)
         parent_nll += F.nll_loss(parent_logp, labels, reduction="sum").item()
