@@ -145,6 +145,7 @@ class SearchConfig(Section):
     solutions: int = Field(5, gt=0)
     diversity: float = Field(0.2, ge=0, le=1)
     time_limit_s: float = Field(60.0, gt=0)
+    mip_gap: float = Field(1e-3, ge=0, lt=1)  # relative optimality tolerance of every solve (HiGHS's definition)
 
     @field_validator("throughput", mode="before")
     @classmethod

@@ -62,6 +62,27 @@ def test_every_solution_meets_every_constraint_and_the_diversity_rule():
     assert objectives == sorted(objectives)  # each later solution is the best of what is left
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_each_diverse_solution_equals_brute_force_given_the_earlier_ones(seed):
+    """The LP-guided shortcut (neighbourhood incumbent, cutoff, reduced-cost fixing) must not change
+    the answer: with a zero gap every solution is the exact best child that is still diverse enough;
+    with the default gap it is within that gap of it."""
+    problem = random_problem(seed, layers=5, per_layer=9)
+    problem.budgets = {"time": 1.0 + 5 * 2.5, "memory": 0.5 + 5 * 3.0}
+    everything = [list(c) for c in itertools.product(*(range(9) for _ in range(5)))]
+    scored = [(evaluate(problem, c), c) for c in everything]
+    feasible = [(d, c) for (d, res), c in scored if all(res[r] <= b + 1e-9 for r, b in problem.budgets.items())]
+    for gap in (0.0, 1e-3):
+        sols = solve(problem, solutions=4, diversity=0.4, mip_gap=gap)
+        earlier: list[list[int]] = []
+        for s in sols:
+            allowed = [d for d, c in feasible if all(sum(x != y for x, y in zip(c, e)) >= 2 for e in earlier)]
+            best = min(allowed)
+            assert s.objective <= best + gap * abs(s.objective) + 1e-9, (gap, len(earlier), s.objective, best)
+            assert s.objective >= best - 1e-9
+            earlier.append(s.choice)
+
+
 def test_infeasible_budget_names_the_cheapest_reachable():
     problem = random_problem(1)
     cheapest_time = 1.0 + sum(min(row) for row in problem.costs["time"])

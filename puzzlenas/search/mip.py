@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import coo_matrix
+from scipy.optimize import Bounds, LinearConstraint, linprog, milp
+from scipy.sparse import coo_matrix, csr_matrix, vstack
 
 from ..errors import PuzzleError
 
@@ -50,6 +50,10 @@ class Solution:
     solve_seconds: float
 
 
+# Relative optimality tolerance, as HiGHS defines it: (incumbent - bound) / |incumbent|.
+MIP_GAP = 1e-3
+
+
 class Infeasible(PuzzleError):
     pass
 
@@ -62,8 +66,9 @@ def _flat(problem: Problem):
     return offsets, n
 
 
-def _solve_once(problem: Problem, objective: np.ndarray, budgets: dict[str, float], earlier: list[list[int]],
-                diversity: float, time_limit: float, mip_gap: float = 1e-3):
+def _constraint_matrix(problem: Problem, budgets: dict[str, float], earlier: list[list[int | None]],
+                       diversity: float):
+    """Rows: one-pair-per-layer (equalities first), then resources, then diversity (upper bounds)."""
     offsets, n = _flat(problem)
     L = problem.num_layers
     rows, cols, vals, lb, ub = [], [], [], [], []
@@ -87,8 +92,10 @@ def _solve_once(problem: Problem, objective: np.ndarray, budgets: dict[str, floa
         ub.append(budget - problem.fixed.get(name, 0.0))
         row += 1
     max_same = math.floor((1 - diversity) * L + 1e-9)
-    for sol in earlier:
+    for sol in earlier:  # None: that layer's earlier pair was pruned, so no child can repeat it
         for layer, p in enumerate(sol):
+            if p is None:
+                continue
             rows.append(row)
             cols.append(offsets[layer] + p)
             vals.append(1.0)
@@ -96,14 +103,85 @@ def _solve_once(problem: Problem, objective: np.ndarray, budgets: dict[str, floa
         ub.append(max_same)
         row += 1
     a = coo_matrix((vals, (rows, cols)), shape=(row, n)).tocsr()
-    result = milp(
+    return a, np.array(lb), np.array(ub), offsets
+
+
+def _milp(objective, a, lb, ub, upper, time_limit, mip_gap):
+    return milp(
         c=objective,
-        constraints=LinearConstraint(a, np.array(lb), np.array(ub)),
-        integrality=np.ones(n),
-        bounds=Bounds(0, 1),
+        constraints=LinearConstraint(a, lb, ub),
+        integrality=np.ones(len(objective)),
+        bounds=Bounds(0, upper),
         options={"time_limit": time_limit, "disp": False, "mip_rel_gap": mip_gap},
     )
-    return result, offsets
+
+
+def _solve_once(problem: Problem, objective: np.ndarray, budgets: dict[str, float], earlier: list[list[int | None]],
+                diversity: float, time_limit: float, mip_gap: float = MIP_GAP):
+    """One MIP solve, returning (x or None, status, offsets).
+
+    HiGHS alone spends most of its time on the diverse solutions finding a good incumbent (its root
+    sub-MIP heuristic), while the LP bound is already within 0.01 % of the optimum: near-tied damages
+    leave many almost-equal children. So we hand it the easy part first:
+      1. solve the LP relaxation (a bound, a guide and reduced costs);
+      2. keep every layer the LP chose integrally, and solve the small MIP over the layers it left
+         fractional (a relaxation-induced neighbourhood, usually a handful of layers);
+      3. if that incumbent is within `mip_gap` of the LP bound it is optimal to the same tolerance
+         HiGHS itself uses, and we stop;
+      4. otherwise HiGHS searches only for a child better than the incumbent by more than the
+         tolerance (an objective cutoff row), in a model shrunk by reduced-cost fixing (exact: a pair
+         whose reduced cost exceeds cutoff - bound cannot be in such a child). Proving that none
+         exists is usually quick, because HiGHS's root cuts close the small remaining gap.
+    """
+    a, lb, ub, offsets = _constraint_matrix(problem, budgets, earlier, diversity)
+    n = len(objective)
+    n_eq = problem.num_layers
+    start = time.perf_counter()
+    lp = linprog(objective, A_ub=a[n_eq:] if a.shape[0] > n_eq else None, b_ub=ub[n_eq:] if a.shape[0] > n_eq else None,
+                 A_eq=a[:n_eq], b_eq=lb[:n_eq], bounds=(0, 1), method="highs",
+                 options={"time_limit": time_limit})
+    if lp.status == 2:  # the relaxation is infeasible, so is the MIP
+        return None, "infeasible", offsets
+    if lp.status != 0:  # no usable relaxation (time limit): plain HiGHS
+        result = _milp(objective, a, lb, ub, np.ones(n), time_limit, mip_gap)
+        return result.x, _status(result), offsets
+
+    x_lp, bound = lp.x, lp.fun
+    incumbent, best = None, np.inf
+    upper = np.ones(n)
+    for layer, opts in enumerate(problem.options):
+        seg = x_lp[offsets[layer] : offsets[layer] + len(opts)]
+        if seg.max() > 1 - 1e-7:  # integral in the LP: keep its choice for the neighbourhood
+            upper[offsets[layer] : offsets[layer] + len(opts)] = 0
+            upper[offsets[layer] + int(seg.argmax())] = 1
+    remaining = max(time_limit - (time.perf_counter() - start), 1e-3)
+    local = _milp(objective, a, lb, ub, upper, remaining, mip_gap)
+    if local.x is not None:
+        incumbent, best = local.x, float(objective @ local.x)
+        if best - bound <= mip_gap * max(abs(best), 1e-12):
+            return incumbent, "optimal", offsets
+
+    upper = np.ones(n)
+    if incumbent is not None:
+        # Only a child better than the incumbent by more than the tolerance is worth finding: say so
+        # with an objective cutoff row, and drop every pair whose reduced cost rules it out (exact).
+        cutoff = best - mip_gap * abs(best)
+        upper[lp.lower.marginals > cutoff - bound + 1e-9] = 0
+        a = vstack([a, csr_matrix(objective[None, :])]).tocsr()
+        lb, ub = np.append(lb, -np.inf), np.append(ub, cutoff)
+    remaining = max(time_limit - (time.perf_counter() - start), 1e-3)
+    result = _milp(objective, a, lb, ub, upper, remaining, mip_gap)
+    if result.x is not None:
+        return result.x, _status(result), offsets
+    if incumbent is not None and result.status == 2:
+        return incumbent, "optimal", offsets  # nothing beats the incumbent by more than the tolerance
+    if incumbent is not None:
+        return incumbent, "time_limit", offsets
+    return None, _status(result), offsets
+
+
+def _status(result) -> str:
+    return "optimal" if result.status == 0 else ("infeasible" if result.status == 2 else "time_limit")
 
 
 def _decode(problem: Problem, x: np.ndarray, offsets) -> list[int]:
@@ -125,26 +203,34 @@ def evaluate(problem: Problem, choice: list[int]) -> tuple[float, dict[str, floa
 
 def _cheapest(problem: Problem, resource: str, other_budgets: dict[str, float], time_limit: float) -> float | None:
     obj = np.concatenate([np.asarray(c, dtype=float) for c in problem.costs[resource]])
-    result, offsets = _solve_once(problem, obj, other_budgets, [], 0.0, time_limit)
-    if result.x is None:
+    x, _, offsets = _solve_once(problem, obj, other_budgets, [], 0.0, time_limit)
+    if x is None:
         return None
-    return evaluate(problem, _decode(problem, result.x, offsets))[1][resource]
+    return evaluate(problem, _decode(problem, x, offsets))[1][resource]
 
 
-def prune_dominated(problem: Problem) -> tuple[Problem, list[list[int]]]:
+def prune_dominated(problem: Problem, taken: list[set[int]] | None = None) -> tuple[Problem, list[list[int]]]:
     """Drop, per layer, every pair that another pair beats or ties on damage and on every
-    constrained resource. The optimum never needs a dominated pair, and HiGHS gets a smaller
-    model (a Llama-70B-sized space shrinks severalfold). Returns the reduced problem and, per layer,
-    the original index of each kept pair."""
+    constrained resource. HiGHS gets a smaller model (a Llama-70B-sized space shrinks severalfold).
+
+    Exactness: swapping a dominated pair q for its dominator p never makes a child worse or break a
+    budget, and it cannot break the diversity rule either unless p is what an earlier solution chose
+    in that layer (`taken[l]`): so only a dominator outside `taken[l]` may remove q. Returns the
+    reduced problem and, per layer, the original index of each kept pair.
+    """
     names = list(problem.budgets)
     kept_all = []
     for layer, opts in enumerate(problem.options):
         vec = np.array([[problem.damage[layer][p], *(problem.costs[r][layer][p] for r in names)] for p in range(len(opts))])
         order = np.lexsort(vec.T[::-1])  # by damage, then costs: a dominator comes before what it dominates
+        blocked = taken[layer] if taken else set()
         kept: list[int] = []
+        dominators = np.empty((0, vec.shape[1]))  # kept pairs allowed to remove others
         for p in order:
-            if not any(np.all(vec[q] <= vec[p]) for q in kept):
+            if not np.any(np.all(dominators <= vec[p], axis=1)):
                 kept.append(int(p))
+                if int(p) not in blocked:
+                    dominators = np.vstack([dominators, vec[p]])
         kept_all.append(sorted(kept))
     reduced = Problem(
         [[problem.options[layer][p] for p in kept] for layer, kept in enumerate(kept_all)],
@@ -157,36 +243,36 @@ def prune_dominated(problem: Problem) -> tuple[Problem, list[list[int]]]:
 
 
 def solve(problem: Problem, solutions: int = 1, diversity: float = 0.2, time_limit: float = 60.0,
-          describe=None) -> list[Solution]:
+          describe=None, mip_gap: float = MIP_GAP) -> list[Solution]:
     """Up to `solutions` solutions, each differing from all earlier ones in >= diversity * L layers.
 
-    Raises Infeasible (one line: which budget, and the cheapest reachable value under the others)
-    when not even the first exists. `describe(resource, value)` formats a resource for messages.
-    Dominated pairs are removed first (see prune_dominated); choices index the original options.
+    Each is the least-damage child (within `mip_gap`) among those that meet every budget and differ
+    enough from the earlier ones. Raises Infeasible (one line: which budget, and the cheapest
+    reachable value under the others) when not even the first exists. `describe(resource, value)`
+    formats a resource for messages. Dominated pairs are removed before each solve (see
+    prune_dominated); choices index the original options.
     """
     describe = describe or (lambda r, v: f"{r}={v:.4g}")
     for name in problem.budgets:
         if name not in problem.costs:
             raise PuzzleError(f"budget on unknown resource {name!r} (known: {', '.join(problem.costs)})")
-    original = problem
-    problem, kept = prune_dominated(problem)
-    objective = np.concatenate([np.asarray(d, dtype=float) for d in problem.damage])
     found: list[Solution] = []
     for _ in range(solutions):
         t = time.perf_counter()
-        result, offsets = _solve_once(problem, objective, problem.budgets, [s.choice for s in found], diversity,
-                                      time_limit)
-        seconds = time.perf_counter() - t
-        if result.x is None:
+        taken = [{s.choice[layer] for s in found} for layer in range(problem.num_layers)]
+        reduced, kept = prune_dominated(problem, taken)
+        position = [{orig: i for i, orig in enumerate(k)} for k in kept]
+        earlier = [[position[layer].get(c) for layer, c in enumerate(s.choice)] for s in found]
+        objective = np.concatenate([np.asarray(d, dtype=float) for d in reduced.damage])
+        x, status, offsets = _solve_once(reduced, objective, reduced.budgets, earlier, diversity, time_limit, mip_gap)
+        if x is None:
             if found:
                 break  # the diversity rule leaves no further solution: return what exists
-            raise Infeasible(_infeasibility_message(problem, time_limit, describe))
-        choice = _decode(problem, result.x, offsets)
-        found.append(Solution("optimal" if result.status == 0 else "time_limit", 0.0, choice, [], {}, seconds))
-    for sol in found:  # back to the caller's option indices
-        sol.choice = [kept[layer][p] for layer, p in enumerate(sol.choice)]
-        sol.objective, sol.resources = evaluate(original, sol.choice)
-        sol.pairs = [original.options[layer][p] for layer, p in enumerate(sol.choice)]
+            raise Infeasible(_infeasibility_message(reduced, time_limit, describe))
+        choice = [kept[layer][p] for layer, p in enumerate(_decode(reduced, x, offsets))]
+        damage, resources = evaluate(problem, choice)
+        pairs = [problem.options[layer][p] for layer, p in enumerate(choice)]
+        found.append(Solution(status, damage, choice, pairs, resources, time.perf_counter() - t))
     return found
 
 
