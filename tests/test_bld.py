@@ -303,3 +303,23 @@ def test_self_generated_text_follows_the_parents_distribution():
         assert 0.5 * (freq - torch.softmax(logits / temperature, dim=-1)).abs().sum() < 0.1, temperature
     again = generate_sequences(parent, None, 64, seq_len=2, temperature=0.7, seed=0, batch=1000)
     assert torch.equal(again, seqs[:64])  # seeded: the same text twice
+
+
+def test_data_identity_is_its_content_not_its_file_stamps(tmp_path):
+    """A text file copied or touched (new mtime, same bytes) must keep its library; changed text must not."""
+    from conftest import make_tiny_tokenizer
+
+    from puzzlenas.config import DataConfig
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the cat sat on the mat. " * 400)
+    cfg = DataConfig(path=str(text), seq_len=16, val_sequences=4)
+    tok = make_tiny_tokenizer()
+    first = prepare_data(cfg, tok, tmp_path / "w")
+    os.utime(text, (1_000_000_000, 1_000_000_000))
+    touched = prepare_data(cfg, tok, tmp_path / "w")
+    assert len(list((tmp_path / "w" / "data").glob("tokens-*.safetensors"))) == 2  # re-tokenized, as it must
+    assert touched.fingerprint == first.fingerprint
+    assert prepare_data(cfg, tok, tmp_path / "w").fingerprint == first.fingerprint  # from the cache too
+    text.write_text("a dog ran in the park! " * 400)
+    assert prepare_data(cfg, tok, tmp_path / "w").fingerprint != first.fingerprint

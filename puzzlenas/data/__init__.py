@@ -9,8 +9,9 @@ Sources, by `data.path`:
 
 Documents are joined with the tokenizer's EOS, cut into `seq_len` chunks, shuffled with
 `seed`, and the first `val_sequences` chunks become validation. The result is cached as
-`data/tokens-<fingerprint>.safetensors`; the fingerprint covers the files' sizes and mtimes,
-the tokenizer and the data settings.
+`data/tokens-<key>.safetensors`; the key covers the files' sizes and mtimes, the tokenizer and
+the data settings (when to re-tokenize). The data's fingerprint, which libraries and scores are
+keyed to, is a hash of the tokens themselves, so a copied or touched file keeps its library.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def prepare_data(cfg: DataConfig, tokenizer, workdir: Path, model=None, model_fi
         from safetensors.torch import load_file
 
         t = load_file(cache_file)
-        return TokenData(t["train"], t["val"], key, source)
+        return TokenData(t["train"], t["val"], fingerprint(t["train"], t["val"]), source)
 
     wanted = cfg.max_train_sequences + cfg.val_sequences
     if cfg.path is None:
@@ -196,7 +197,10 @@ def prepare_data(cfg: DataConfig, tokenizer, workdir: Path, model=None, model_fi
         )
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(cfg.seed))
     sequences = sequences[order]
-    data = TokenData(sequences[cfg.val_sequences :], sequences[: cfg.val_sequences], key, source)
+    train, val = sequences[cfg.val_sequences :], sequences[: cfg.val_sequences]
+    # The data's identity (what the library and scores are keyed to) is its content: the same text
+    # copied elsewhere or touched keeps its libraries; file stamps only decide when to re-tokenize.
+    data = TokenData(train, val, fingerprint(train, val), source)
     atomic_save_safetensors({"train": data.train, "val": data.val}, cache_file, {"source": source})
     log.info("data: %d train + %d val sequences of %d tokens from %s", len(data.train), len(data.val), cfg.seq_len, source)
     return data
