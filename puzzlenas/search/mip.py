@@ -220,17 +220,17 @@ def prune_dominated(problem: Problem, taken: list[set[int]] | None = None) -> tu
     """
     names = list(problem.budgets)
     kept_all = []
-    for layer, opts in enumerate(problem.options):
-        vec = np.array([[problem.damage[layer][p], *(problem.costs[r][layer][p] for r in names)] for p in range(len(opts))])
-        order = np.lexsort(vec.T[::-1])  # by damage, then costs: a dominator comes before what it dominates
-        blocked = taken[layer] if taken else set()
-        kept: list[int] = []
-        dominators = np.empty((0, vec.shape[1]))  # kept pairs allowed to remove others
-        for p in order:
-            if not np.any(np.all(dominators <= vec[p], axis=1)):
-                kept.append(int(p))
-                if int(p) not in blocked:
-                    dominators = np.vstack([dominators, vec[p]])
+    for layer in range(problem.num_layers):
+        vec = np.column_stack([np.asarray(problem.damage[layer], dtype=float),
+                               *(np.asarray(problem.costs[r][layer], dtype=float) for r in names)])
+        rank = np.empty(len(vec), dtype=int)
+        rank[np.lexsort(vec.T[::-1])] = np.arange(len(vec))  # ties: only the first of equals may remove the rest
+        allowed = np.ones(len(vec), dtype=bool)
+        allowed[list(taken[layer] if taken else ())] = False
+        # q goes iff an allowed p, earlier in that order, is <= q everywhere. The greedy "kept
+        # dominators only" rule removes the same pairs, because dominance is transitive.
+        dominates = np.all(vec[:, None, :] <= vec[None, :, :], axis=-1) & (rank[:, None] < rank[None, :]) & allowed[:, None]
+        kept = np.flatnonzero(~dominates.any(axis=0)).tolist()
         kept_all.append(sorted(kept))
     reduced = Problem(
         [[problem.options[layer][p] for p in kept] for layer, kept in enumerate(kept_all)],
