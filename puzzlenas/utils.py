@@ -106,19 +106,13 @@ def cpu_bf16_is_faster(size: int = 256, repeats: int = 3) -> bool:
     without them (e.g. AVX2-only EPYCs) emulate it ~30x slower, which turns an hour of BLD into
     a day. No flag reports this portably across x86 and ARM; a 50 ms timing does.
     """
-    import time
+    from .costs import _median_time  # the cost profiler's timer; imported here: costs imports utils
 
-    def best_time(dtype: torch.dtype) -> float:
+    def matmul_time(dtype: torch.dtype) -> float:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        return _median_time(lambda: a @ b, warmup=1, repeats=repeats, sync=lambda: None)
 
-    faster = best_time(torch.float32) > 1.2 * best_time(torch.bfloat16)
+    faster = matmul_time(torch.float32) > 1.2 * matmul_time(torch.bfloat16)
     logging.getLogger(__name__).info("CPU bf16 matmul is %s than fp32: training in %s", "faster" if faster else "slower",
                                      "bf16 autocast" if faster else "fp32")
     return faster

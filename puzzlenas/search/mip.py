@@ -231,7 +231,7 @@ def prune_dominated(problem: Problem, taken: list[set[int]] | None = None) -> tu
         # dominators only" rule removes the same pairs, because dominance is transitive.
         dominates = np.all(vec[:, None, :] <= vec[None, :, :], axis=-1) & (rank[:, None] < rank[None, :]) & allowed[:, None]
         kept = np.flatnonzero(~dominates.any(axis=0)).tolist()
-        kept_all.append(sorted(kept))
+        kept_all.append(kept)  # flatnonzero: already in index order
     reduced = Problem(
         [[problem.options[layer][p] for p in kept] for layer, kept in enumerate(kept_all)],
         [[problem.damage[layer][p] for p in kept] for layer, kept in enumerate(kept_all)],
