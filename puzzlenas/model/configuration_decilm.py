@@ -25,7 +25,7 @@ checkpoints use. Rules:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -68,10 +68,18 @@ def intermediate_size_to_ffn_mult(intermediate_size: int, hidden_size: int) -> f
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """One layer's attention sub-block: `gqa` (num_key_value_heads), `linear` or `no_op`."""
+    """One layer's attention sub-block: `gqa` (num_key_value_heads), `linear` or `no_op`.
+
+    Serving engines (vLLM's and TensorRT-LLM's `nemotron_nas`, NVIDIA's remote code) read the
+    block configs as attributes of these objects, with NVIDIA's names: `no_op`,
+    `replace_with_linear`, `n_heads_in_group` (None when the layer has no attention heads).
+    `num_attention_heads` is the model's, recorded by the parser so `n_heads_in_group` can be
+    answered; it takes no part in equality.
+    """
 
     kind: str = "gqa"
     num_key_value_heads: int | None = None
+    num_attention_heads: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def no_op(self) -> bool:
@@ -80,6 +88,16 @@ class AttentionConfig:
     @property
     def replace_with_linear(self) -> bool:
         return self.kind == "linear"
+
+    @property
+    def n_heads_in_group(self) -> int | None:
+        if self.kind != "gqa" or self.num_attention_heads is None:
+            return None
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def sparsify(self) -> None:  # present in NVIDIA's schema; never used here
+        return None
 
     def short(self) -> str:
         return f"gqa{self.num_key_value_heads}" if self.kind == "gqa" else self.kind
@@ -87,10 +105,18 @@ class AttentionConfig:
 
 @dataclass(frozen=True)
 class FFNConfig:
-    """One layer's FFN sub-block: `mlp` (intermediate_size), `linear` or `no_op`."""
+    """One layer's FFN sub-block: `mlp` (intermediate_size), `linear` or `no_op`.
+
+    `ffn_mult` (NVIDIA's name) exists as an attribute only when the legacy rule
+    round_up(int(2 * ffn_mult * hidden / 3), 256) gives back exactly `intermediate_size`.
+    vLLM's nemotron_nas reads `ffn.ffn_mult` when the attribute exists and `ffn.intermediate_size`
+    otherwise, so a searched size the legacy rule cannot express (say 1152 at hidden 576) still
+    loads there at its true size; a no-op or linear FFN answers None, as NVIDIA's configs do.
+    """
 
     kind: str = "mlp"
     intermediate_size: int | None = None
+    hidden_size: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def no_op(self) -> bool:
@@ -99,6 +125,21 @@ class FFNConfig:
     @property
     def replace_with_linear(self) -> bool:
         return self.kind == "linear"
+
+    @property
+    def ffn_mult(self) -> float | None:
+        if self.kind != "mlp":
+            return None
+        mult = None if self.hidden_size is None else intermediate_size_to_ffn_mult(self.intermediate_size, self.hidden_size)
+        if mult is None:  # AttributeError makes hasattr() false: readers fall back to intermediate_size
+            raise AttributeError(
+                f"intermediate_size={self.intermediate_size} has no exact legacy ffn_mult; read intermediate_size"
+            )
+        return mult
+
+    @property
+    def sparsify(self) -> None:
+        return None
 
     def short(self) -> str:
         return f"mlp{self.intermediate_size}" if self.kind == "mlp" else self.kind
@@ -161,9 +202,9 @@ def _check_keys(d: Any, allowed: set[str], where: str) -> dict:
 def _parse_attention(d: Any, num_attention_heads: int, where: str) -> AttentionConfig:
     d = _check_keys(d, _ATTENTION_KEYS, where)
     if d.get("no_op"):
-        return AttentionConfig("no_op")
+        return AttentionConfig("no_op", num_attention_heads=num_attention_heads)
     if d.get("replace_with_linear"):
-        return AttentionConfig("linear")
+        return AttentionConfig("linear", num_attention_heads=num_attention_heads)
     kv, group = d.get("num_key_value_heads"), d.get("n_heads_in_group")
     if kv is None and group is None:
         raise BlockConfigError(f"{where}: needs num_key_value_heads or n_heads_in_group")
@@ -185,15 +226,15 @@ def _parse_attention(d: Any, num_attention_heads: int, where: str) -> AttentionC
             f"{where}: num_key_value_heads={kv!r} must divide num_attention_heads={num_attention_heads} "
             f"(accepted: {_divisors(num_attention_heads)})"
         )
-    return AttentionConfig("gqa", kv)
+    return AttentionConfig("gqa", kv, num_attention_heads)
 
 
 def _parse_ffn(d: Any, hidden_size: int, where: str) -> FFNConfig:
     d = _check_keys(d, _FFN_KEYS, where)
     if d.get("no_op"):
-        return FFNConfig("no_op")
+        return FFNConfig("no_op", hidden_size=hidden_size)
     if d.get("replace_with_linear"):
-        return FFNConfig("linear")
+        return FFNConfig("linear", hidden_size=hidden_size)
     size, mult = d.get("intermediate_size"), d.get("ffn_mult")
     if size is None:
         if mult is None:
@@ -203,7 +244,7 @@ def _parse_ffn(d: Any, hidden_size: int, where: str) -> FFNConfig:
         size = ffn_mult_to_intermediate_size(mult, hidden_size)
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise BlockConfigError(f"{where}: intermediate_size={size!r} must be an integer > 0")
-    return FFNConfig("mlp", size)
+    return FFNConfig("mlp", size, hidden_size)
 
 
 def _divisors(n: int) -> list[int]:
