@@ -69,11 +69,13 @@ def depth_baseline(profile: dict, scores: dict, metric: str, alternatives: list[
     layers = _parent_pairs(by_layer)
     parent_time = scenario_time(profile, [x.name for p in layers for x in p])["total_s"]
     removal_damage = {}
-    for i in by_layer:
+    available = set(alternatives)
+    for i in by_layer:  # a layer the engine must keep (vLLM: attention in layer 0) is never removed
         noop_a, noop_f = Alternative(i, "attention", "no_op"), Alternative(i, "ffn", "no_op")
-        if noop_a.name not in scores or noop_f.name not in scores:
-            raise PuzzleError("depth baseline needs no_op alternatives for attention and FFN in every layer")
-        removal_damage[i] = damage(scores[noop_a.name], metric) + damage(scores[noop_f.name], metric)
+        if noop_a.name in available and noop_f.name in available:
+            removal_damage[i] = damage(scores[noop_a.name], metric) + damage(scores[noop_f.name], metric)
+    if not removal_damage:
+        raise PuzzleError("depth baseline needs no_op alternatives for attention and FFN in the search space")
     removed = []
     for i in sorted(removal_damage, key=removal_damage.get):
         layers[i] = (Alternative(i, "attention", "no_op"), Alternative(i, "ffn", "no_op"))

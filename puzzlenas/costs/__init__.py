@@ -26,14 +26,15 @@ import platform
 import re
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..checkpoint.io import attention_params, ffn_params
+from ..engines.base import Scenario
+from ..engines.torch_engine import measure_model_scenario
 from ..errors import PuzzleError
-from ..library.space import Alternative, build_subblock, enumerate_alternatives
+from ..library.space import Alternative, build_subblock, target_alternatives
 from ..utils import atomic_write_json, fingerprint
 
 # Published dense bf16 peak and memory bandwidth (vendor datasheets).
@@ -101,17 +102,6 @@ def _median_time(fn, warmup: int, repeats: int, sync, reset=None) -> float:
     return statistics.median(times)
 
 
-@dataclass
-class Scenario:
-    batch_size: int
-    prompt_len: int
-    generate_len: int
-
-    @property
-    def decode_context(self) -> int:
-        return self.prompt_len + self.generate_len // 2
-
-
 STREAM_BYTES = 256 * 2**20  # more than any CPU's last-level cache
 
 
@@ -172,38 +162,6 @@ def measure_alternative(config, alt: Alternative, scenario: Scenario, device, dt
     return {"prefill_s": prefill, "decode_s": decode, "copies": copies}
 
 
-@torch.no_grad()
-def measure_model_scenario(model, scenario: Scenario, warmup: int = 1, repeats: int = 3) -> dict:
-    """Real end-to-end timing of a model for the scenario: prefill, then G decode steps with the
-    KV cache, greedy. Median over repeats of (prefill seconds, decode seconds)."""
-    from transformers.cache_utils import DynamicCache
-
-    device = next(model.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    B, P, G = scenario.batch_size, scenario.prompt_len, scenario.generate_len
-    prompt = torch.randint(0, model.config.vocab_size, (B, P), device=device, generator=None)
-    runs = []
-    for r in range(warmup + repeats):
-        cache = DynamicCache()
-        sync()
-        t0 = time.perf_counter()
-        out = model(prompt, cache=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1:].argmax(-1)
-        sync()
-        t1 = time.perf_counter()
-        for _ in range(G):
-            out = model(nxt, cache=cache, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
-        sync()
-        t2 = time.perf_counter()
-        if r >= warmup:
-            runs.append((t1 - t0, t2 - t1))
-    prefill = statistics.median(r[0] for r in runs)
-    decode = statistics.median(r[1] for r in runs)
-    return {"prefill_s": prefill, "decode_s": decode, "total_s": prefill + decode,
-            "prefill_tok_s": B * P / prefill, "decode_tok_s": B * G / decode}
-
-
 def measure_shared(parent, scenario: Scenario, warmup: int, repeats: int, dtype=torch.float32) -> dict:
     """Everything but the layers: a child whose every layer is no-op, timed like a real model."""
     from ..realize import assemble_child
@@ -237,12 +195,10 @@ def measure_cpu_roofline() -> dict:
 
 def run(cfg, workdir: str | Path, parent, progress: bool = True) -> dict:
     """Measure (or estimate, for a preset device) and save costs/<device>.json."""
-    from tqdm.auto import tqdm
-
     workdir = Path(workdir)
     c = cfg.costs
     scenario = Scenario(c.scenario.batch_size, c.scenario.prompt_len, c.scenario.generate_len)
-    alternatives = enumerate_alternatives(cfg.search_space, parent.config)
+    alternatives = target_alternatives(cfg, parent.config)
     if c.device == "cpu-roofline":
         preset = measure_cpu_roofline()
         profile = estimate_profile(parent.config, alternatives, scenario, preset, "float32" if c.dtype == "auto" else c.dtype)
@@ -257,18 +213,54 @@ def run(cfg, workdir: str | Path, parent, progress: bool = True) -> dict:
                                    serving_dtype("bfloat16" if c.dtype == "auto" else c.dtype, torch.device("cuda")))
         profile["device"] = c.device
     else:
-        device = next(parent.parameters()).device
-        dtype_name = serving_dtype(c.dtype, device)
-        dtype = getattr(torch, dtype_name)
-        key = fingerprint(device_name(device), dtype_name, scenario.__dict__, c.warmup, c.repeats,
-                          sorted(a.name for a in alternatives), parent.config.to_dict())
-        out_file = workdir / "costs" / f"{device_name(device)}.json"
-        if out_file.is_file():
-            import json
+        profile = _measure_profile(cfg, workdir, parent, alternatives, scenario, progress)
+    out_file = workdir / "costs" / f"{profile['device']}.json"
+    atomic_write_json(out_file, profile)
+    return profile
 
-            cached = json.loads(out_file.read_text())
-            if cached.get("fingerprint") == key:
-                return cached
+
+def profile_name(cfg, device: torch.device) -> str:
+    """The cost profile's name: a roofline preset, or the engine and the hardware measured on."""
+    if cfg.costs.device != "auto":
+        return cfg.costs.device
+    engine = cfg.target.engine
+    return device_name(device) if engine == "torch" else f"{engine}-{device_name(device)}"
+
+
+def _measure_profile(cfg, workdir: Path, parent, alternatives, scenario: Scenario, progress: bool) -> dict:
+    """Time the alternatives on this machine: in puzzlenas's harness sub-block by sub-block
+    (engine torch), or in the target engine with whole-model variants (costs/variants.py)."""
+    import json
+
+    from ..engines import get_engine
+
+    c = cfg.costs
+    engine = get_engine(cfg.target.engine)
+    engine.check_available()
+    device = next(parent.parameters()).device
+    dtype_name = engine.serving_dtype(c.dtype)
+    name = profile_name(cfg, device)
+    key = fingerprint(name, dtype_name, scenario.__dict__, c.warmup, c.repeats,
+                      sorted(a.name for a in alternatives), parent.config.to_dict())
+    out_file = workdir / "costs" / f"{name}.json"
+    if out_file.is_file():
+        cached = json.loads(out_file.read_text())
+        if cached.get("fingerprint") == key:
+            return cached
+    bpe = _BYTES[dtype_name]
+    if engine.profiles_by_variants:
+        from .variants import measure_variants_profile, shape_key
+
+        measured = measure_variants_profile(parent, workdir / "parent", engine, alternatives, scenario, dtype_name,
+                                            c.warmup, c.repeats, workdir / "costs" / "variants.tmp", progress)
+        times = {shape: measured["shapes"][shape] for shape in {shape_key(a) for a in alternatives}}
+        shared = measured["shared"]
+        extra = {"engine": engine.name, "method": "whole-model variants", "decode_steps": measured["decode_steps"],
+                 "parent_measured": measured["parent_measured"], "variants": measured["variants"]}
+    else:
+        from tqdm.auto import tqdm
+
+        dtype = getattr(torch, dtype_name)
         unique = {}  # same-shaped alternatives of different layers cost the same: time each shape once
         for a in alternatives:
             unique.setdefault((a.sub, a.kind, a.size), a)
@@ -276,29 +268,26 @@ def run(cfg, workdir: str | Path, parent, progress: bool = True) -> dict:
         for shape, a in tqdm(unique.items(), desc="timing alternatives", disable=not progress):
             times[shape] = measure_alternative(parent.config, a, scenario, device, dtype, c.warmup, c.repeats)
         shared = measure_shared(parent, scenario, c.warmup, c.repeats, dtype)
-        bpe = _BYTES[dtype_name]
-        profile = {
-            "device": device_name(device),
-            "estimated": False,
-            "dtype": dtype_name,
-            "fingerprint": key,
-            "scenario": scenario.__dict__,
-            "shared": {**shared, "params": shared_params(parent.config),
-                       "weight_bytes": shared_params(parent.config) * bpe},
-            "alternatives": {
-                a.name: {
-                    **times[(a.sub, a.kind, a.size)],
-                    "params": alternative_params(parent.config, a),
-                    "weight_bytes": alternative_params(parent.config, a) * bpe,
-                    "kv_bytes": alternative_kv_bytes_per_token(parent.config, a, bpe)
-                    * scenario.batch_size * (scenario.prompt_len + scenario.generate_len),
-                }
-                for a in alternatives
-            },
-        }
-    out_file = workdir / "costs" / f"{profile['device']}.json"
-    atomic_write_json(out_file, profile)
-    return profile
+        extra = {"engine": "torch", "method": "sub-blocks in the PyTorch harness"}
+    return {
+        "device": name,
+        "estimated": False,
+        "dtype": dtype_name,
+        "fingerprint": key,
+        "scenario": scenario.__dict__,
+        **extra,
+        "shared": {**shared, "params": shared_params(parent.config), "weight_bytes": shared_params(parent.config) * bpe},
+        "alternatives": {
+            a.name: {
+                **times[(a.sub, a.kind, a.size)],
+                "params": alternative_params(parent.config, a),
+                "weight_bytes": alternative_params(parent.config, a) * bpe,
+                "kv_bytes": alternative_kv_bytes_per_token(parent.config, a, bpe)
+                * scenario.batch_size * (scenario.prompt_len + scenario.generate_len),
+            }
+            for a in alternatives
+        },
+    }
 
 
 def estimate_profile(config, alternatives, scenario: Scenario, preset: dict, dtype_name: str) -> dict:
@@ -343,15 +332,20 @@ def estimate_profile(config, alternatives, scenario: Scenario, preset: dict, dty
     }
 
 
+def decode_steps(profile: dict) -> int:
+    """Decode forwards in one scenario run: generate_len in the harness (prefill, then G steps); one
+    fewer in an engine, whose prefill already yields the first token."""
+    return profile.get("decode_steps", profile["scenario"]["generate_len"])
+
+
 def scenario_time(profile: dict, names: list[str]) -> dict:
     """Predicted prefill, per-step decode and total scenario seconds of a set of sub-blocks."""
-    s = profile["scenario"]
     prefill = profile["shared"]["prefill_s"] + sum(profile["alternatives"][n]["prefill_s"] for n in names)
     decode = profile["shared"]["decode_s"] + sum(profile["alternatives"][n]["decode_s"] for n in names)
-    return {"prefill_s": prefill, "decode_step_s": decode, "total_s": prefill + s["generate_len"] * decode}
+    return {"prefill_s": prefill, "decode_step_s": decode, "total_s": prefill + decode_steps(profile) * decode}
 
 
 def alternative_time(profile: dict, name: str) -> float:
-    """Scenario seconds one alternative contributes: prefill + G * decode step."""
+    """Scenario seconds one alternative contributes: prefill + decode steps x one step."""
     a = profile["alternatives"][name]
-    return a["prefill_s"] + profile["scenario"]["generate_len"] * a["decode_s"]
+    return a["prefill_s"] + decode_steps(profile) * a["decode_s"]

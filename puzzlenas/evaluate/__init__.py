@@ -12,8 +12,10 @@ Per model:
   kl, agreement  mean per-token KL(parent || model) and top-1 agreement on held-out sequences
   lm-eval      zero-shot accuracy via lm-evaluation-harness on the local task files
                (task configs shipped in puzzlenas/evaluate/tasks, the model passed as an object)
-  speed        prefill and decode tokens/s for the scenario, every model timed by the same
-               harness in the same run (warm-up, repeats, median), and the speed-up vs the parent
+  speed        prefill and decode tokens/s for the scenario, timed in the target engine
+               (cfg.target.engine: puzzlenas's PyTorch model, or vLLM from the checkpoint folders),
+               every model in the same run and in turns (A B C A B C ...), and each speed-up vs
+               the parent as the median of its per-round ratios, with their min and max
 Results: eval/results.json and eval/results.md.
 """
 
@@ -128,17 +130,14 @@ def lm_eval_accuracy(model, tokenizer, data_dir: Path, tasks: list[str], work: P
 
 
 def evaluate_models(models: dict, parent_name: str, tokenizer, cfg, val_ids: torch.Tensor, out_dir: Path,
-                    skip_lm_eval: bool = False, progress: bool = True) -> dict:
-    """Every metric for every model in `models` (name -> model); `parent_name` is the reference."""
-    from ..costs import Scenario, measure_model_scenario
-
+                    skip_lm_eval: bool = False, progress: bool = True, paths: dict | None = None) -> dict:
+    """Every metric for every model in `models` (name -> model); `parent_name` is the reference.
+    `paths` (name -> checkpoint folder) is needed when the target engine serves from folders (vLLM)."""
     if tokenizer is None:
         raise PuzzleError("evaluation needs a tokenizer; the parent checkpoint has none")
     e = cfg.eval
     data_dir = Path(e.task_data_dir)
     parent = models[parent_name]
-    sc = cfg.costs.scenario
-    scenario = Scenario(sc.batch_size, sc.prompt_len, sc.generate_len)
     results: dict[str, dict] = {}
     for name, model in models.items():
         log.info("evaluating %s", name)
@@ -149,18 +148,44 @@ def evaluate_models(models: dict, parent_name: str, tokenizer, cfg, val_ids: tor
         if not skip_lm_eval and e.tasks:
             r["tasks"] = lm_eval_accuracy(model, tokenizer, data_dir, e.tasks, out_dir, e.limit, e.batch_size)
         results[name] = r
-    for name, model in models.items():  # speed last, back to back, same harness
-        results[name]["speed"] = measure_model_scenario(model, scenario, warmup=1, repeats=e.speed_repeats)
-    base = results[parent_name]["speed"]
-    for r in results.values():
-        r["speed"]["prefill_speedup"] = r["speed"]["prefill_tok_s"] / base["prefill_tok_s"]
-        r["speed"]["decode_speedup"] = r["speed"]["decode_tok_s"] / base["decode_tok_s"]
-        r["speed"]["total_speedup"] = base["total_s"] / r["speed"]["total_s"]
-    report = {"scenario": scenario.__dict__, "reference": parent_name, "limit_per_task": e.limit,
-              "ppl_max_tokens": e.ppl_max_tokens, "models": results}
+    speed, scenario = measure_speed(models, parent_name, cfg, paths)
+    for name in results:
+        results[name]["speed"] = speed[name]
+    report = {"scenario": scenario.__dict__, "engine": cfg.target.engine, "reference": parent_name,
+              "limit_per_task": e.limit, "ppl_max_tokens": e.ppl_max_tokens, "models": results}
     atomic_write_json(out_dir / "results.json", report)
     atomic_write_text(out_dir / "results.md", format_results(report))
     return report
+
+
+def measure_speed(models: dict, parent_name: str, cfg, paths: dict | None = None):
+    """Scenario timings of every model in the target engine, in turns, and speed-ups vs the parent
+    (median of per-round ratios, with min and max)."""
+    from ..engines import Scenario, get_engine, speedup_stats
+
+    engine = get_engine(cfg.target.engine)
+    sc = cfg.costs.scenario
+    scenario = Scenario(sc.batch_size, sc.prompt_len, sc.generate_len)
+    if engine.name == "torch":
+        sources = models
+    else:
+        missing = [n for n in models if not paths or n not in paths]
+        if missing:
+            raise PuzzleError(f"timing in {engine.name} needs checkpoint folders; none for {', '.join(missing)}")
+        sources = {n: paths[n] for n in models}
+    log.info("timing %d models in %s, %d rounds", len(sources), engine.name, cfg.eval.speed_repeats)
+    timings = engine.time_models(sources, scenario, repeats=cfg.eval.speed_repeats, warmup=1,
+                                 dtype=engine.serving_dtype(cfg.costs.dtype))[0]
+    B, P, G = scenario.batch_size, scenario.prompt_len, scenario.generate_len
+    out = {}
+    for name, t in timings.items():
+        s = t.summary()
+        ratios = speedup_stats(timings[parent_name], t)
+        out[name] = {**s, "prefill_tok_s": B * P / s["prefill_s"], "decode_tok_s": B * G / s["decode_s"],
+                     "prefill_speedup": ratios["prefill"]["median"], "decode_speedup": ratios["decode"]["median"],
+                     "total_speedup": ratios["total"]["median"], "spread": ratios, "engine": engine.name,
+                     "rounds": t.to_dict()}
+    return out, scenario
 
 
 def format_results(report: dict) -> str:
@@ -174,12 +199,18 @@ def format_results(report: dict) -> str:
                f"{r['agreement']:.3f}"]
         row += [f"{r.get('tasks', {}).get(t, {}).get('acc', float('nan')):.3f}" for t in tasks]
         s = r["speed"]
-        row += [f"{s['prefill_speedup']:.2f}", f"{s['decode_speedup']:.2f}", f"{s['total_speedup']:.2f}"]
+        total = f"{s['total_speedup']:.2f}"
+        if "spread" in s and name != report["reference"]:
+            total += f" ({s['spread']['total']['min']:.2f}-{s['spread']['total']['max']:.2f})"
+        row += [f"{s['prefill_speedup']:.2f}", f"{s['decode_speedup']:.2f}", total]
         lines.append("| " + " | ".join(row) + " |")
     sc = report["scenario"]
     lines.append("")
-    lines.append(f"Speed: batch {sc['batch_size']}, prompt {sc['prompt_len']}, {sc['generate_len']} generated tokens; "
-                 f"x = speed-up over {report['reference']} measured in the same run. lm-eval: zero-shot, "
+    rounds = next(iter(models.values()))["speed"].get("rounds", {})
+    lines.append(f"Speed in {report.get('engine', 'torch')}: batch {sc['batch_size']}, prompt {sc['prompt_len']}, "
+                 f"{sc['generate_len']} generated tokens; x = speed-up over {report['reference']}, models timed in "
+                 f"turns in the same run, median of {len(rounds.get('total_s', [])) or 'the'} per-round ratios "
+                 f"(min-max in brackets). lm-eval: zero-shot, "
                  f"{report['limit_per_task'] or 'all'} examples per task. Perplexity over "
                  f"{next(iter(models.values()))['wikitext2']['tokens']} WikiText-2 test tokens.")
     return "\n".join(lines) + "\n"

@@ -106,8 +106,9 @@ def _ffn_alternatives(layer: int, choices, parent_size: int, multiple: int) -> l
     return out
 
 
-def enumerate_alternatives(space: SearchSpaceConfig, config: DeciLMConfig) -> list[Alternative]:
-    """Every alternative of every layer (the parent's own sub-blocks included), deduplicated."""
+def enumerate_alternatives(space: SearchSpaceConfig, config: DeciLMConfig, engine=None) -> list[Alternative]:
+    """Every alternative of every layer (the parent's own sub-blocks included), deduplicated; with
+    an `engine`, only those it can serve."""
     alts: set[Alternative] = set()
     for layer, block in enumerate(config.block_configs):
         if block.attention.kind != "gqa" or block.ffn.kind != "mlp":
@@ -129,7 +130,16 @@ def enumerate_alternatives(space: SearchSpaceConfig, config: DeciLMConfig) -> li
     for layer in [*space.layers, *(space.only_layers or [])]:
         if not 0 <= layer < config.num_hidden_layers:
             raise PuzzleError(f"search_space.layers: layer {layer} does not exist (the parent has {config.num_hidden_layers})")
+    if engine is not None:  # what the serving engine cannot run never enters the search
+        alts = {a for a in alts if engine.unsupported(a, config) is None}
     return sorted(alts)
+
+
+def target_alternatives(cfg, config: DeciLMConfig) -> list[Alternative]:
+    """The search space of `cfg` on the parent `config`, less what cfg.target.engine cannot serve."""
+    from ..engines import get_engine
+
+    return enumerate_alternatives(cfg.search_space, config, get_engine(cfg.target.engine))
 
 
 class SubBlock(nn.Module):

@@ -27,9 +27,9 @@ from ..library.space import (
     Alternative,
     CoupledPair,
     build_unit,
-    enumerate_alternatives,
     enumerate_pairs,
     is_parent_alternative,
+    target_alternatives,
 )
 from ..library.store import Library
 from ..utils import atomic_write_json, fingerprint
@@ -137,7 +137,7 @@ def run(cfg, workdir: str | Path, parent, data, library: Library, progress: bool
     """Score every alternative of the search space; cached in scores/replace1.json."""
     workdir = Path(workdir)
     out_file = workdir / "scores" / "replace1.json"
-    alternatives = [*enumerate_alternatives(cfg.search_space, parent.config),
+    alternatives = [*target_alternatives(cfg, parent.config),
                     *enumerate_pairs(cfg.bld.coupled, cfg.search_space, parent.config)]
     missing = [a.name for a in alternatives if not library.is_done(a)]
     if missing:

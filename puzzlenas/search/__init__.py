@@ -11,7 +11,7 @@ import itertools
 from pathlib import Path
 
 from ..config import parse_factor, parse_size
-from ..costs import alternative_time, scenario_time
+from ..costs import alternative_time, decode_steps, scenario_time
 from ..errors import PuzzleError
 from ..library.space import Alternative, pair_name
 from ..scoring import damage
@@ -46,7 +46,7 @@ def build_problem(scores: dict, profile: dict, metric: str, alternatives: list[s
                                 + prof[y.name]["kv_bytes"] for x, y in pairs])
         costs["params"].append([prof[a.name]["params"] + prof[f.name]["params"] for a, f in pairs])
     shared = profile["shared"]
-    g = profile["scenario"]["generate_len"]
+    g = decode_steps(profile)
     fixed = {"time": shared["prefill_s"] + g * shared["decode_s"], "latency": shared["decode_s"],
              "memory": shared["weight_bytes"], "params": shared["params"]}
     problem = Problem(options, dmg, costs, fixed)
