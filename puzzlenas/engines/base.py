@@ -88,6 +88,10 @@ class Engine:
             return f"{self.name} has no {alt.kind} {alt.sub} blocks"
         return None
 
+    def unsupported_pair(self, attention, ffn, config: DeciLMConfig) -> str | None:
+        """Why the engine cannot serve this (attention, FFN) pair in one layer, or None when it can."""
+        return None
+
     def serving_dtype(self, choice: str) -> str:
         return "float32" if choice == "auto" else choice
 

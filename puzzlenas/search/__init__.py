@@ -28,13 +28,16 @@ def layer_alternatives(names: list[str]) -> dict[int, dict[str, list[Alternative
     return out
 
 
-def build_problem(scores: dict, profile: dict, metric: str, alternatives: list[str]) -> tuple[Problem, dict]:
-    """MIP data from replace-1-block scores and a cost profile; also the parent's resources."""
+def build_problem(scores: dict, profile: dict, metric: str, alternatives: list[str], engine=None) -> tuple[Problem, dict]:
+    """MIP data from replace-1-block scores and a cost profile; also the parent's resources. With an
+    `engine`, (attention, FFN) pairs it cannot serve in one layer are left out."""
     by_layer = layer_alternatives(alternatives)
     options, dmg = [], []
     costs = {"time": [], "memory": [], "latency": [], "params": []}
     for layer in sorted(by_layer):
         pairs = list(itertools.product(by_layer[layer]["attention"], by_layer[layer]["ffn"]))
+        if engine is not None:
+            pairs = [(a, f) for a, f in pairs if engine.unsupported_pair(a, f, None) is None]
         options.append([(a.name, f.name) for a, f in pairs])
         # a coupled pair (trained together) has its own measured damage; others add up their halves
         dmg.append([damage(scores[pair_name(a, f)], metric) if pair_name(a, f) in scores
@@ -90,7 +93,10 @@ def _describe(parent_resources):
 
 
 def run(cfg, workdir: str | Path, scores: dict, profile: dict, alternatives: list[str]) -> dict:
-    problem, parent_resources = build_problem(scores["scores"], profile, cfg.scoring.metric, alternatives)
+    from ..engines import get_engine
+
+    problem, parent_resources = build_problem(scores["scores"], profile, cfg.scoring.metric, alternatives,
+                                              get_engine(cfg.target.engine))
     problem.budgets = budgets_from_config(cfg.search, parent_resources)
     found = solve(problem, cfg.search.solutions, cfg.search.diversity, cfg.search.time_limit_s,
                   describe=_describe(parent_resources), mip_gap=cfg.search.mip_gap)
