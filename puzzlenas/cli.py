@@ -1,6 +1,6 @@
 """The `puzzlenas` command line: one function per command, mapped in COMMANDS.
 
-    puzzlenas convert PARENT OUT [--dtype float32]
+    puzzlenas convert PARENT OUT [--dtype float32] [--overwrite]
     puzzlenas info CHECKPOINT
     puzzlenas bld CONFIG --workdir W [--set key=value ...]
     puzzlenas score CONFIG --workdir W
@@ -25,12 +25,13 @@ from .model import BlockConfigError
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from .checkpoint import convert_parent, load_parent, save_checkpoint
-    from .checkpoint.io import parse_dtype
+    from .checkpoint.io import check_replaceable, parse_dtype
 
     dtype = parse_dtype(args.dtype)
+    check_replaceable(args.out, args.overwrite)  # before the slow part
     parent, tokenizer = load_parent(args.parent, dtype=dtype)
     child = convert_parent(parent, copy=False)
-    out = save_checkpoint(child, args.out, tokenizer)
+    out = save_checkpoint(child, args.out, tokenizer, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
@@ -103,7 +104,6 @@ def cmd_bld(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        save_config(cfg, workdir / "config.yaml")
         parent, tokenizer, fp = prepare_parent(cfg.parent, workdir)
         data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
     if dist.is_initialized():  # rank 0 converts and caches; the others read its cache
@@ -114,6 +114,7 @@ def cmd_bld(args: argparse.Namespace) -> None:
     parent.to(pick_device())
     library = bld.run(cfg, workdir, parent, data, fp, progress=not args.quiet)
     if rank == 0:
+        save_config(cfg, workdir / "config.yaml")  # after success: a failed command leaves the last good one
         print(bld.summary_table(library))
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -151,13 +152,24 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     cfg = _load_cfg(args)
     if args.throughput is not None:
-        cfg.search.throughput = None if args.throughput == "none" else _factor(args.throughput)
+        _set_flag(cfg.search, "throughput", None if args.throughput == "none" else _factor(args.throughput),
+                  f"--throughput {args.throughput}")
     if args.memory is not None:
-        cfg.search.memory_bytes = _size(args.memory)
+        _set_flag(cfg.search, "memory_bytes", _size(args.memory), f"--memory {args.memory}")
     if args.solutions is not None:
-        cfg.search.solutions = args.solutions
+        _set_flag(cfg.search, "solutions", args.solutions, f"--solutions {args.solutions}")
     result = stage_search(cfg, Path(args.workdir), args.device)
     print(format_solutions(result))
+
+
+def _set_flag(section, field: str, value, flag: str) -> None:
+    """Assign a flag's value to a config field; a value the field refuses is one line naming the flag."""
+    from pydantic import ValidationError
+
+    try:
+        setattr(section, field, value)
+    except ValidationError as exc:
+        raise PuzzleError(f"{flag}: {exc.errors()[0]['msg']}") from None
 
 
 def _factor(text):
@@ -216,12 +228,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .checkpoint import convert_parent, load_checkpoint, load_parent
+    from .checkpoint.convert import BUNDLED
     from .checkpoint.parent import prepare_parent
     from .config import load_config
     from .data import prepare_data
     from .evaluate import evaluate_models
     from .utils import pick_device
 
+    for path in args.checkpoint:
+        if not Path(path).exists() and path not in BUNDLED:
+            raise PuzzleError(f"checkpoint {path!r} not found (give a checkpoint folder, e.g. {Path(args.workdir) / 'child'})")
     cfg = load_config(args.config, args.set)
     workdir = Path(args.workdir)
     device = pick_device()
@@ -250,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("parent")
     p.add_argument("out")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT even if puzzlenas did not write it (deletes its contents)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="per-layer table and totals of a DeciLM checkpoint")
@@ -315,17 +332,36 @@ def _stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+# commands that write their --workdir: each holds the work directory's lock while it runs
+WRITES_WORKDIR = {"run", "bld", "score", "costs", "search", "measure", "realize", "distill", "eval"}
+
+
+def _workdir_lock(args: argparse.Namespace, argv: list[str] | None):
+    import contextlib
+    import shlex
+
+    if args.command not in WRITES_WORKDIR:
+        return contextlib.nullcontext()
+    from .workdir import lock_workdir
+
+    return lock_workdir(args.workdir, shlex.join(["puzzlenas", *(sys.argv[1:] if argv is None else argv)]))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
-        args.func(args)
+        with _workdir_lock(args, argv):
+            args.func(args)
     except (PuzzleError, BlockConfigError) as exc:
         print(f"puzzlenas: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         import errno
 
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            print(f"puzzlenas: error: {exc.filename or 'a file'}: {exc.strerror}; check its permissions", file=sys.stderr)
+            return 2
         if exc.errno != errno.ENOSPC:
             raise
         print(f"puzzlenas: error: disk full ({exc.filename or 'writing'}); free space and rerun: finished work is kept",

@@ -139,9 +139,9 @@ def parse_factor(text: str | float) -> float:
 
 class SearchConfig(Section):
     throughput: float | None = Field(1.5, gt=0)  # >= k x the parent's throughput ("1.5x" accepted)
-    memory_bytes: float | None = None  # weights + KV cache of the scenario ("40GiB" accepted)
-    latency_s: float | None = None
-    params: float | None = None
+    memory_bytes: float | None = Field(None, gt=0)  # weights + KV cache of the scenario ("40GiB" accepted)
+    latency_s: float | None = Field(None, gt=0)
+    params: float | None = Field(None, gt=0)
     solutions: int = Field(5, gt=0)
     diversity: float = Field(0.2, ge=0, le=1)
     time_limit_s: float = Field(60.0, gt=0)
@@ -237,7 +237,10 @@ def _apply_override(raw: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise PuzzleError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise PuzzleError(f"override {override!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
 def config_from_dict(raw: dict, source: str = "config", overrides: list[str] | None = None) -> PuzzleConfig:

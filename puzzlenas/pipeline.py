@@ -1,7 +1,8 @@
 """The pipeline stages in order, each a function (cfg, workdir) that reads and writes the work dir.
 
     workdir/
-      config.yaml             the resolved configuration
+      config.yaml             the resolved configuration of the last stage that finished
+      stages/<stage>.json     each finished stage: input fingerprint, output fingerprints, its config
       parent/                 the parent converted to DeciLM (+ tokenizer, source.json)
       data/                   tokenized, split distillation data
       library/                index.json, blocks/*.safetensors + *.json   (bld)
@@ -41,7 +42,6 @@ def load_context(cfg: PuzzleConfig, workdir: Path, device: torch.device | None =
     from .utils import pick_device
 
     workdir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, workdir / "config.yaml")
     parent, tokenizer, fp = prepare_parent(cfg.parent, workdir)
     data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
     parent.to(device or pick_device())
@@ -202,18 +202,22 @@ def run_pipeline(cfg: PuzzleConfig, workdir: Path, from_stage: str | None = None
     from . import bld, gkd, realize, report, scoring
     from .costs import device_name
     from .utils import atomic_write_json, pick_device
+    from .workdir import stage_problem, stage_record
 
     for name in (from_stage, only):
         if name is not None and name not in STAGES:
             raise PuzzleError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
     workdir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, workdir / "config.yaml")
     device = pick_device()
     fps = stage_fingerprints(cfg, device_name(device))
+    profile_name, k = _profile_name(cfg, device), cfg.gkd.solution
     selected = [only] if only else STAGES[STAGES.index(from_stage) :] if from_stage else STAGES
     for stage in STAGES[: STAGES.index(selected[0])]:
         if not _marker(workdir, stage).is_file():
             raise PuzzleError(f"stage {stage!r} has not run yet in {workdir}; run without --from/--only first")
+        problem = stage_problem(workdir, stage, None, k, profile_name)  # its outputs, whatever config made them
+        if problem:
+            raise PuzzleError(f"stage {stage!r} in {workdir}: {problem}; run without --from/--only to redo it")
     ctx: Context | None = None
 
     def context() -> Context:
@@ -225,10 +229,13 @@ def run_pipeline(cfg: PuzzleConfig, workdir: Path, from_stage: str | None = None
     summary = {}
     for stage in selected:
         forced = stage in (from_stage, only)
-        if stage_done(workdir, stage, fps[stage]) and not forced:
+        problem = stage_problem(workdir, stage, fps[stage], k, profile_name, set_aside=not forced)
+        if problem is None and not forced:
             log.info("stage %-9s done (inputs unchanged)", stage)
             summary[stage] = "skipped"
             continue
+        if problem not in (None, "not finished", "inputs changed"):
+            log.warning("stage %s: redoing it: %s", stage, problem)
         log.info("stage %-9s running", stage)
         t0 = time.perf_counter()
         info: dict = {}
@@ -274,7 +281,9 @@ def run_pipeline(cfg: PuzzleConfig, workdir: Path, from_stage: str | None = None
         elif stage == "report":
             info["path"] = str(report.write_report(workdir))
         info.update({"fingerprint": fps[stage], "seconds": round(time.perf_counter() - t0, 1)})
+        info.update(stage_record(workdir, stage, k, profile_name), config=cfg.model_dump(mode="json"))
         atomic_write_json(_marker(workdir, stage), info)
+        save_config(cfg, workdir / "config.yaml")  # written on success only: a failed run leaves the last good one
         summary[stage] = f"done in {info['seconds']:.0f} s"
     return summary
 
@@ -314,7 +323,8 @@ def _run_baselines(cfg: PuzzleConfig, workdir: Path, ctx: Context, device, progr
         built_from = folder / "realized_from.json"
         # re-realize only for a new solution: a resumed run must find the same source to resume GKD
         if not (realized / "config.json").is_file() or not built_from.is_file() or json.loads(built_from.read_text()) != sol["layers"]:
-            save_checkpoint(assemble_child(ctx.parent, choices_from_solution(sol), library), realized, ctx.tokenizer)
+            save_checkpoint(assemble_child(ctx.parent, choices_from_solution(sol), library), realized, ctx.tokenizer,
+                            overwrite=True)
             atomic_write_json(built_from, sol["layers"])
         gkd.distill(cfg, realized, folder / "child", folder / "gkd", ctx.parent, ctx.data, ctx.tokenizer, progress)
         tokens += json.loads((folder / "gkd" / "done.json").read_text())["tokens"]
@@ -334,6 +344,7 @@ def _run_eval(cfg: PuzzleConfig, workdir: Path, ctx: Context) -> dict:
         if solution.is_file() and "infeasible" not in json.loads(solution.read_text()):
             candidates[f"{name} baseline"] = workdir / "baselines" / name / "child"
     for name, path in candidates.items():
-        if (path / "config.json").is_file():
-            models[name] = load_checkpoint(path).to(device)
+        if not (path / "config.json").is_file():  # never evaluate without a model silently
+            raise PuzzleError(f"{path} is missing, so the {name} cannot be evaluated; run without --only to rebuild it")
+        models[name] = load_checkpoint(path).to(device)
     return evaluate_models(models, "parent", ctx.tokenizer, cfg, ctx.data.val, workdir / "eval")

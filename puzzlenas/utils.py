@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, fingerprints, device and dtype choice."""
+"""Small shared helpers: atomic writes, safe state loading, fingerprints, device and dtype choice."""
 
 from __future__ import annotations
 
@@ -13,8 +13,25 @@ from pathlib import Path
 import torch
 
 
+def kill_point(name: str, detail: str = "") -> None:
+    """Test hook: SIGKILL this process here when PUZZLENAS_KILL_AT names this point.
+
+    PUZZLENAS_KILL_AT=NAME kills at the first NAME reached; NAME:TEXT at the first whose detail
+    (a path, a block name) contains TEXT. Points: atomic_write (temp file written, not yet renamed),
+    checkpoint.write (new checkpoint folder written), checkpoint.swap (old folder moved aside, new
+    not yet in place), bld.save_block (before each block of BLD's final save)."""
+    spec = os.environ.get("PUZZLENAS_KILL_AT")
+    if spec:
+        want, _, text = spec.partition(":")
+        if want == name and text in detail:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: a kill never leaves half a file."""
+    """Write to a temp file in the same folder, then rename: a kill never leaves half a file
+    (the temp file `.<name>.*.tmp` of a killed write is deleted by the next command: workdir.recover)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -23,6 +40,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        kill_point("atomic_write", str(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -45,11 +63,35 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        kill_point("atomic_write", str(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def load_training_state(path: str | Path, map_location=None, mmap: bool = False) -> dict:
+    """A BLD/GKD resume state saved by atomic_torch_save, loaded without running any code from it.
+
+    `weights_only=True` unpickles only tensors and plain containers: a crafted file that would run
+    code (or anything else that is not such a state) is refused with one line naming it."""
+    import pickle
+
+    from .errors import PuzzleError
+
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, TypeError, AttributeError) as exc:
+        lines = [x.strip() for x in str(exc).splitlines() if x.strip()] or [type(exc).__name__]
+        # torch's message opens with advice to set weights_only=False: show what it refused instead
+        reason = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[0])[:160].rstrip(".")
+        raise PuzzleError(f"{path}: refused: not a puzzlenas training state ({reason}); delete it to restart "
+                          "that training from its beginning") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise PuzzleError(f"{path}: refused: not a puzzlenas training state (no step); delete it to restart "
+                          "that training from its beginning")
+    return state
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:

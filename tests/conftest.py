@@ -113,14 +113,22 @@ def smollm2_checkpoint(tmp_path_factory) -> Path:
     return out
 
 
-def start_cli(args: list[str]):
-    """`python -m puzzlenas ARGS` in a subprocess, output captured."""
+def start_cli(args: list[str], env: dict[str, str] | None = None):
+    """`python -m puzzlenas ARGS` in a subprocess (extra environment `env`), output captured."""
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "puzzlenas", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative path: equal snapshots mean nothing changed."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def kill_at_step(proc, state_file: Path, min_step: int, timeout: float = 600) -> int | None:
@@ -133,7 +141,7 @@ def kill_at_step(proc, state_file: Path, min_step: int, timeout: float = 600) ->
     while time.time() < deadline and proc.poll() is None:
         if state_file.is_file():
             try:
-                step = torch.load(state_file, weights_only=False)["step"]
+                step = torch.load(state_file, weights_only=True)["step"]
             except Exception:  # caught between write and rename: look again
                 step = 0
             if step >= min_step:

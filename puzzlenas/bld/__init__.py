@@ -11,7 +11,9 @@ BLD); every alternative has its own AdamW and gradient clipping.
 
 Resumable: each rank checkpoints its alternatives (weights, optimizer, step) atomically every
 `bld.checkpoint_every` steps; rerunning the same command continues from there, and finished
-blocks (a record in library/blocks/) are never retrained. With torchrun the alternatives are
+blocks (a record in library/blocks/ and an intact block file) are never retrained. A run killed
+while saving its blocks at the end saves the rest from its final state on the next start. A
+state file is loaded with `weights_only=True`: a file that would run code is refused. With torchrun the alternatives are
 split across ranks (gloo on CPU, NCCL on GPU); each rank writes its own blocks, rank 0 the index.
 """
 
@@ -33,12 +35,12 @@ from ..library.space import (
     Alternative,
     build_subblock,
     build_unit,
-    enumerate_alternatives,
     enumerate_pairs,
     is_parent_alternative,
+    target_alternatives,
 )
 from ..library.store import Library
-from ..utils import atomic_torch_save, autocast_dtype, warmup_cosine_lr
+from ..utils import atomic_torch_save, autocast_dtype, kill_point, load_training_state, warmup_cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +117,20 @@ def run(cfg: PuzzleConfig, workdir: str | Path, parent, data, parent_fingerprint
     rank, world = _dist_info()
     device = next(parent.parameters()).device
     library = Library(workdir / "library", parent_fingerprint, data.fingerprint)
-    alternatives = enumerate_alternatives(cfg.search_space, parent.config)
+    alternatives = target_alternatives(cfg, parent.config)
     trainable = [a for a in alternatives if a.trainable and not is_parent_alternative(a, parent.config)]
     pairs = enumerate_pairs(cfg.bld.coupled, cfg.search_space, parent.config)
-    todo = [a for a in [*trainable, *pairs] if not library.is_done(a)]
+    problems = {a: library.block_problem(a) for a in [*trainable, *pairs]}
+    for a, problem in problems.items():
+        if problem not in (None, "not trained"):
+            log.warning("training %s again: %s", a.name, problem)
+    # a run killed while saving its trained blocks: save the rest from its final state (no retraining)
+    unsaved = _unsaved_of_finished_state(library.state_dir / f"rank{rank}-of{world}.pt", problems)
+    if unsaved:
+        log.info("saving %d blocks trained before the last run was killed", len(unsaved))
+        _train(cfg, parent, data, library, unsaved, rank, world, device, progress)
+    _barrier()
+    todo = [a for a in problems if not library.is_done(a)]
     mine = todo[rank::world]
     if mine:
         _train(cfg, parent, data, library, mine, rank, world, device, progress)
@@ -128,6 +140,17 @@ def run(cfg: PuzzleConfig, workdir: str | Path, parent, data, parent_fingerprint
         library.write_index({"alternatives": [a.name for a in alternatives]})
     _barrier()
     return library
+
+
+def _unsaved_of_finished_state(state_file: Path, problems: dict) -> list:
+    """The alternatives of this rank's state file that finished training but have no saved block."""
+    if not state_file.is_file():
+        return []
+    state = load_training_state(state_file, map_location="cpu", mmap=True)  # mmap: reads only what is used
+    if state.get("step") != state.get("total_steps"):
+        return []
+    by_name = {a.name: a for a in problems}
+    return [by_name[n] for n in state.get("names", []) if n in by_name and problems[by_name[n]] is not None]
 
 
 def _record_untrained(library: Library, alternatives, trainable, config) -> None:
@@ -154,10 +177,14 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
     blocks = {a: build_unit(parent.config, a).to(device) for a in mine}
     state = None
     if state_file.is_file():
-        state = torch.load(state_file, map_location=device, weights_only=False)
-        if state.get("names") != names or state.get("total_steps") != total_steps:
+        state = load_training_state(state_file, map_location=device)
+        # a state holding more alternatives than are left (the others were saved) resumes those left:
+        # every alternative trains on its own graph and optimizer, so a subset trains exactly alike
+        if not set(names) <= set(state.get("names", [])) or state.get("total_steps") != total_steps:
             log.warning("ignoring %s: it was written for other alternatives or another budget", state_file)
             state = None
+        else:
+            state["names"] = names
     if state is None:
         state = _fresh_state(cfg, parent, data, blocks, names, total_steps, device)
         atomic_torch_save(state, state_file)
@@ -235,6 +262,7 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
             "file": library.block_path(a).name,
         }
         record.update(state["extra"].get(a.name, {}))
+        kill_point("bld.save_block", a.name)
         library.save_block(a, {k: v.float() if v.is_floating_point() else v for k, v in blocks[a].state_dict().items()}, record)
     state_file.unlink(missing_ok=True)
 

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..errors import PuzzleError
 from ..model import DeciLMConfig, DeciLMForCausalLM
@@ -75,9 +76,10 @@ def load_parent(parent: str | Path, dtype: torch.dtype = torch.float32):
                 f"{path}: unsupported architecture model_type={family!r} (accepted: {', '.join(SUPPORTED_FAMILIES)}, nemotron-nas)"
             )
         kwargs, location = {}, path
+        _check_weight_files(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise PuzzleError(f"could not load parent {path}: {str(exc).splitlines()[0]}") from None
     family = model.config.model_type
     if family not in SUPPORTED_FAMILIES:
@@ -89,6 +91,19 @@ def load_parent(parent: str | Path, dtype: torch.dtype = torch.float32):
         log.warning("parent %s has no usable tokenizer (%s); continuing without one", path, exc)
         tokenizer = None
     return model, tokenizer
+
+
+def _check_weight_files(path: Path) -> None:
+    """Open every safetensors file's header and tensor index: a truncated or corrupt file is named in
+    one line here, not deep inside transformers."""
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(f, "pt") as handle:
+                for name in handle.keys():
+                    handle.get_slice(name)
+        except (SafetensorError, OSError) as exc:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise PuzzleError(f"{f}: unreadable, truncated or corrupt safetensors file ({reason})") from None
 
 
 def _load_tokenizer(path: Path):

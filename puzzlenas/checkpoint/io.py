@@ -33,18 +33,57 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[name]
 
 
-def save_checkpoint(model: DeciLMForCausalLM, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write the checkpoint into `out_dir` atomically (a temp folder renamed at the end)."""
+def written_by_puzzlenas(path: str | Path) -> bool:
+    """Whether `path` is a checkpoint folder puzzlenas wrote (it carries the puzzlenas.json marker)."""
+    from ..workdir import CHECKPOINT_MARKER
+
+    return (Path(path) / CHECKPOINT_MARKER).is_file()
+
+
+def check_replaceable(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse to replace an existing file or non-empty folder that puzzlenas did not write."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    if out_dir.exists() and not overwrite and not written_by_puzzlenas(out_dir):
+        if not out_dir.is_dir() or any(out_dir.iterdir()):
+            raise PuzzleError(f"{out_dir} exists and was not written by puzzlenas; give --overwrite to replace it "
+                              "(its contents will be deleted) or choose another folder")
+
+
+def save_checkpoint(model: DeciLMForCausalLM, out_dir: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write the checkpoint into `out_dir`, replacing any earlier one atomically.
+
+    The new folder is written as `out_dir.tmp`; the old one is moved to `out_dir.old` and only
+    deleted once the new one is in place, so a kill at any point leaves the old or the new
+    checkpoint (`workdir.finish_replace` completes or undoes the replace on the next start).
+    A folder that puzzlenas did not write (no puzzlenas.json) is never replaced unless
+    `overwrite` is set: it may be the user's."""
+    import puzzlenas
+
+    from ..utils import atomic_write_json, kill_point
+    from ..workdir import CHECKPOINT_MARKER, finish_replace
+
+    out_dir = Path(out_dir)
+    tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+    finish_replace(out_dir)
+    check_replaceable(out_dir, overwrite)
+    for aside in (tmp, old):  # ours from an interrupted save: delete; anything else: never touch
+        if aside.exists():
+            if not written_by_puzzlenas(aside) and not (aside.is_dir() and not any(aside.iterdir())):
+                raise PuzzleError(f"{aside} is in the way of replacing {out_dir} safely; move it elsewhere")
+            shutil.rmtree(aside)
+    tmp.mkdir(parents=True)
+    # the marker goes first: a half-written temp folder is then recognizably puzzlenas's to delete
+    atomic_write_json(tmp / CHECKPOINT_MARKER, {"written_by": "puzzlenas", "version": puzzlenas.__version__})
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    kill_point("checkpoint.write", str(out_dir))
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        out_dir.rename(old)
+    kill_point("checkpoint.swap", str(out_dir))
     tmp.rename(out_dir)
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
     return out_dir
 
 

@@ -38,7 +38,7 @@ def prepare_parent(parent: str, workdir: str | Path, dtype: torch.dtype = torch.
     source_model, tokenizer = load_parent(parent, dtype=dtype)
     model = convert_parent(source_model, copy=False)
     del source_model
-    save_checkpoint(model, cache, tokenizer)
+    save_checkpoint(model, cache, tokenizer, overwrite=True)  # the work directory's own cache
     fp = model_fingerprint(model)
     atomic_write_json(source_file, {"stamp": stamp, "fingerprint": fp})
     return _frozen(model), tokenizer, fp

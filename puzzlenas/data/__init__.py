@@ -48,26 +48,42 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
+def read_text_file(f: Path) -> str:
+    """A text file's content; a binary or non-UTF-8 file is an error naming it (no silent U+FFFD)."""
+    data = f.read_bytes()
+    if b"\0" in data[: 1 << 20]:
+        raise PuzzleError(f"{f}: a binary file (it holds NUL bytes), not text; give a UTF-8 .txt/.jsonl/.parquet file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise PuzzleError(f"{f}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); convert it, "
+                          f"e.g. iconv -f latin1 -t utf-8") from None
+
+
 def read_documents(path: Path, text_field: str = "text") -> list[str]:
     docs: list[str] = []
     for f in _files(path):
         if f.suffix in (".txt", ".raw"):
-            docs.append(f.read_text(encoding="utf-8", errors="replace"))
+            docs.append(read_text_file(f))
         elif f.suffix in (".jsonl", ".json"):
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(read_text_file(f).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     raise PuzzleError(f"{f}:{n}: not a JSON line") from None
-                if text_field not in row:
+                if not isinstance(row, dict) or text_field not in row:
                     raise PuzzleError(f"{f}:{n}: no field {text_field!r} (set data.text_field)")
                 docs.append(str(row[text_field]))
         elif f.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(f)
+            try:
+                table = pq.read_table(f)
+            except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                raise PuzzleError(f"{f}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
             if text_field not in table.column_names:
                 raise PuzzleError(f"{f}: no column {text_field!r} (columns: {table.column_names})")
             docs.extend(str(x) for x in table.column(text_field).to_pylist())
@@ -154,6 +170,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def prepare_data(cfg: DataConfig, tokenizer, workdir: Path, model=None, model_fingerprint: str = "") -> TokenData:
     """Token sequences for training and validation, from cache when nothing changed.
     `model_fingerprint` identifies the parent when it writes its own text."""
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_positions is not None and cfg.seq_len > max_positions:
+        raise PuzzleError(f"data.seq_len={cfg.seq_len} exceeds the parent's max_position_embeddings={max_positions}")
     if cfg.path is not None:
         path = Path(cfg.path).expanduser()
         if path.exists():

@@ -14,7 +14,9 @@ steps (weights + optimizer + step) with automatic resume, and DDP under torchrun
 batch is split across ranks, so N processes compute what one process with the same config does.
 
 Reads workdir/realized/solution<k>/, writes workdir/child/ (the distilled checkpoint) and
-workdir/gkd/log.jsonl.
+workdir/gkd/log.jsonl. The state file is loaded with `weights_only=True`: a file that would run
+code is refused. gkd/done.json records the child's fingerprint: a child that went missing or
+changed is distilled again.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tqdm.auto import tqdm
 from ..bld import batch_indices
 from ..checkpoint.io import load_checkpoint, save_checkpoint
 from ..errors import PuzzleError
-from ..utils import atomic_torch_save, autocast_dtype, warmup_cosine_lr
+from ..utils import atomic_torch_save, autocast_dtype, load_training_state, warmup_cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +74,23 @@ def validation_kl(child, parent, val_ids: torch.Tensor, batch_size: int = 8) -> 
     return kl
 
 
-def _checkpoint_id(path: Path) -> str:
+def _checkpoint_ids(path: Path) -> tuple[str, str]:
+    """(content id, legacy id) of a source checkpoint: the content id survives a re-save of the
+    same weights; the legacy id (file stamps) is what done.json / state.pt recorded before."""
     from ..utils import fingerprint
+    from ..workdir import path_fingerprint
 
     files = sorted(path.glob("*.safetensors"))
-    return fingerprint((path / "config.json").read_text(), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    legacy = fingerprint((path / "config.json").read_text(), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    return path_fingerprint(path), legacy
+
+
+def _read_done(path: Path) -> dict:
+    try:
+        done = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return {}  # unreadable: distill again (the old file is overwritten only when that finishes)
+    return done if isinstance(done, dict) else {}
 
 
 def _dist() -> tuple[int, int]:
@@ -99,9 +113,14 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
     done_file = state_dir / "done.json"
     if not (source / "config.json").is_file():
         raise PuzzleError(f"{source} not found; run `puzzlenas realize` first")
-    source_id = _checkpoint_id(source)  # a re-realized source (new solution, same path) restarts GKD
-    if done_file.is_file() and json.loads(done_file.read_text()).get("source_id") == source_id and (out / "config.json").is_file():
-        return out
+    source_ids = _checkpoint_ids(source)  # a re-realized source (new solution, same path) restarts GKD
+    source_id = source_ids[0]
+    if done_file.is_file() and (out / "config.json").is_file():
+        from ..workdir import path_fingerprint
+
+        done = _read_done(done_file)
+        if done.get("source_id") in source_ids and done.get("child_fingerprint") in (None, path_fingerprint(out)):
+            return out
     if g.batch_size % world:
         raise PuzzleError(f"gkd.batch_size={g.batch_size} must be divisible by the {world} torchrun processes")
     device = next(parent.parameters()).device
@@ -114,8 +133,8 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
     optimizer = torch.optim.AdamW(child.parameters(), lr=g.lr, weight_decay=g.weight_decay)
     step, history = 0, []
     if state_file.is_file():
-        state = torch.load(state_file, map_location=device, weights_only=False)
-        if state.get("total_steps") == total_steps and state.get("source_id") == source_id:
+        state = load_training_state(state_file, map_location=device)
+        if state.get("total_steps") == total_steps and state.get("source_id") in source_ids:
             child.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optim"])
             step, history = state["step"], state["history"]
@@ -169,12 +188,13 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
     bar.close()
     if rank == 0:
         child.eval()
-        save_checkpoint(child, out, tokenizer)
-        log_file = state_dir / "log.jsonl"
-        log_file.write_text("".join(json.dumps(h) + "\n" for h in history))
-        from ..utils import atomic_write_json
+        save_checkpoint(child, out, tokenizer, overwrite=True)  # the work directory's own folder
+        from ..utils import atomic_write_json, atomic_write_text
+        from ..workdir import path_fingerprint
 
-        atomic_write_json(done_file, {"source": str(source), "source_id": source_id, "steps": total_steps, "tokens": total_steps * tokens_per_step,
+        atomic_write_text(state_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        atomic_write_json(done_file, {"source": str(source), "source_id": source_id, "child_fingerprint": path_fingerprint(out),
+                                      "steps": total_steps, "tokens": total_steps * tokens_per_step,
                                       "seconds": round(time.perf_counter() - t0, 1),
                                       "val_kl_before": history[0].get("val_kl"), "val_kl_after": history[-1].get("val_kl")})
         state_file.unlink(missing_ok=True)

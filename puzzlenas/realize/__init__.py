@@ -113,5 +113,5 @@ def run(cfg, workdir, parent, library: Library, tokenizer=None):
         raise PuzzleError(f"gkd.solution={k} but the search found {len(solutions)} solution(s)")
     child = assemble_child(parent, choices_from_solution(solutions[k]), library)
     out = workdir / "realized" / f"solution{k}"
-    save_checkpoint(child, out, tokenizer)
+    save_checkpoint(child, out, tokenizer, overwrite=True)  # the work directory's own folder
     return out
