@@ -1,13 +1,15 @@
 """Parent vs puzzlenas child vs width and depth baselines at 1.5x and 2.0x (not run in CI).
 
     python benchmarks/quality_vs_speed.py [--config configs/smollm2_gutenberg.yaml] [--workdir runs/qvs]
-                                          [--targets 1.5 2.0] [--set key=value ...]
+                                          [--engine torch|vllm] [--targets 1.5 2.0] [--set key=value ...]
 
 Runs the whole pipeline on SmolLM2-135M with real text from ../shared/data once per target in
 one work directory: data, BLD, scoring and costs are computed once and reused; search, realize,
 GKD, baselines and evaluation are redone per target. Prints, per target, KL to the parent,
 WikiText-2 perplexity, mean lm-eval accuracy and the measured speed-up, and saves each target's
-eval/results.json as results-<target>x.json in the work directory.
+eval/results.json as results-<target>x.json in the work directory. With --engine, costs are measured,
+the search space restricted and speed timed in that engine (target.engine); speed-ups are medians of
+per-round ratios, all models timed in turns in one run, with their min-max.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ def main() -> None:
     ap.add_argument("--workdir", default="runs/quality_vs_speed")
     ap.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0])
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--engine", default=None, help="target.engine: torch | vllm (default: the config's)")
     args = ap.parse_args()
+    if args.engine:
+        args.set.append(f"target.engine={args.engine}")
     workdir = Path(args.workdir)
     tables = {}
     for target in args.targets:
@@ -39,8 +44,9 @@ def main() -> None:
         tables[target] = json.loads((workdir / "eval" / "results.json").read_text())
     cfg = load_config(args.config, args.set)
     print(f"\nSmolLM2-135M, data {cfg.data.path}, BLD {cfg.bld.tokens} tokens, GKD {cfg.gkd.tokens} tokens per model, "
-          f"lm-eval limit {cfg.eval.limit}/task, WikiText-2 {cfg.eval.ppl_max_tokens or 'all'} tokens")
-    print("\n| target | model | KL | WikiText-2 ppl | mean lm-eval acc | measured speed-up |")
+          f"lm-eval limit {cfg.eval.limit}/task, WikiText-2 {cfg.eval.ppl_max_tokens or 'all'} tokens, "
+          f"speed in {cfg.target.engine}")
+    print("\n| target | model | KL | WikiText-2 ppl | mean lm-eval acc | measured speed-up (min-max) |")
     print("|---|---|---|---|---|---|")
     for target, report in tables.items():
         for name in ROWS:
@@ -50,8 +56,10 @@ def main() -> None:
                 continue
             accs = [t["acc"] for t in r.get("tasks", {}).values() if "acc" in t]
             mean_acc = sum(accs) / len(accs) if accs else float("nan")
-            print(f"| {target}x | {name} | {r['kl']:.4f} | {r['wikitext2']['perplexity']:.2f} | {mean_acc:.3f} | "
-                  f"{r['speed']['total_speedup']:.2f}x |")
+            sp = r["speed"]
+            spread = sp.get("spread", {}).get("total")
+            speed = f"{sp['total_speedup']:.2f}x" + (f" ({spread['min']:.2f}-{spread['max']:.2f})" if spread else "")
+            print(f"| {target}x | {name} | {r['kl']:.4f} | {r['wikitext2']['perplexity']:.2f} | {mean_acc:.3f} | {speed} |")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@
     puzzlenas realize CONFIG --workdir W
     puzzlenas distill CONFIG --workdir W
     puzzlenas eval CHECKPOINT [--parent PARENT] [--config CONFIG] [--workdir W]
+    puzzlenas serve CHECKPOINT [--host 127.0.0.1] [--port 8000]
     puzzlenas run [CONFIG] [--preset quick] [--from STAGE | --only STAGE] [--set key=value] [--workdir W]
 """
 
@@ -244,17 +245,45 @@ def cmd_eval(args: argparse.Namespace) -> None:
     parent, tokenizer, fp = prepare_parent(args.parent or cfg.parent, workdir)
     data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
     models = {"parent": parent.to(device)}
+    paths = {"parent": workdir / "parent"}
     for path in args.checkpoint:
         p = Path(path)
         if (p / "config.json").is_file() and '"nemotron-nas"' in (p / "config.json").read_text():
             models[p.name] = load_checkpoint(p).to(device)
         else:
             models[p.name] = convert_parent(load_parent(p)[0], copy=False).to(device)
+        paths[p.name] = p  # an engine serving from folders reads a plain Llama folder natively
     report = evaluate_models(models, "parent", tokenizer, cfg, data.val, workdir / "eval",
-                             skip_lm_eval=args.no_lm_eval)
+                             skip_lm_eval=args.no_lm_eval, paths=paths)
     from .evaluate import format_results
 
     print(format_results(report))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """An OpenAI-compatible server for a checkpoint, in vLLM (replaces this process: vLLM gets the signals)."""
+    import os
+    from pathlib import Path
+
+    from .checkpoint.io import load_config
+    from .engines import get_engine
+
+    engine = get_engine("vllm")
+    engine.check_available()
+    path = Path(args.checkpoint)
+    config = load_config(path)
+    for layer, block in enumerate(config.block_configs):
+        for sub, kind in (("attention", block.attention.kind), ("ffn", block.ffn.kind)):
+            if kind not in engine.kinds[sub]:
+                raise PuzzleError(f"{path}: layer {layer} has a {kind} {sub} block, which vLLM cannot serve; "
+                                  "search with target.engine: vllm to get a child it can")
+    cmd = engine.serve_command(path, args.host, args.port, args.dtype, args.max_model_len)
+    if args.print_command:
+        print(" ".join(cmd))
+        return
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-lm-eval", action="store_true", help="skip the lm-eval tasks")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server")
+    p.add_argument("checkpoint", help="a checkpoint folder (e.g. work/child)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (default: the model's)")
+    p.add_argument("--print-command", action="store_true", help="print the vllm serve command instead of running it")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -195,10 +195,20 @@ class EvalConfig(Section):
     speed_repeats: int = Field(3, gt=0)
 
 
+class TargetConfig(Section):
+    """Where the child will be served. The engine decides which block kinds the search may use,
+    where costs are measured and how evaluation times speed. torch: puzzlenas's own PyTorch
+    model (every block kind); vllm: vLLM (no linear blocks, attention kept in layer 0); auto: vLLM
+    when it is installed here, else torch."""
+
+    engine: Literal["auto", "torch", "vllm"] = "torch"
+
+
 class PuzzleConfig(Section):
     parent: str = "smollm2"
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
+    target: TargetConfig = Field(default_factory=TargetConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     search_space: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
     init: InitConfig = Field(default_factory=InitConfig)
@@ -248,9 +258,41 @@ def config_from_dict(raw: dict, source: str = "config", overrides: list[str] | N
     for override in overrides or []:
         _apply_override(raw, override)
     try:
-        return PuzzleConfig.model_validate(raw)
+        cfg = PuzzleConfig.model_validate(raw)
     except ValidationError as exc:
         raise PuzzleError(_format_validation_error(exc, source)) from None
+    _resolve_target(cfg)
+    return cfg
+
+
+def _resolve_target(cfg: PuzzleConfig) -> None:
+    """Fix `target.engine: auto` to the engine found here, and refuse at once a search space that
+    asks the engine for a block kind it cannot serve (kinds the user did not ask for are dropped
+    quietly from the defaults when the search space is enumerated)."""
+    from .engines import get_engine, resolve_engine_name
+    from .library.space import Alternative
+
+    cfg.target.engine = resolve_engine_name(cfg.target.engine)
+    engine = get_engine(cfg.target.engine)
+    space = cfg.search_space
+    asked: list[tuple[str, str, object]] = []
+    if "attention" in space.model_fields_set and space.attention:
+        asked += [("search_space.attention", "attention", c) for c in space.attention]
+    if "ffn" in space.model_fields_set:
+        asked += [("search_space.ffn", "ffn", c) for c in space.ffn]
+    for layer, override in space.layers.items():
+        asked += [(f"search_space.layers.{layer}.attention", "attention", c, layer) for c in override.attention or []]
+        asked += [(f"search_space.layers.{layer}.ffn", "ffn", c, layer) for c in override.ffn or []]
+    asked = [(*a, None) if len(a) == 3 else a for a in asked]
+    for i, pair in enumerate(cfg.bld.coupled):
+        asked += [(f"bld.coupled[{i}].attention", "attention", pair.attention, pair.layer),
+                  (f"bld.coupled[{i}].ffn", "ffn", pair.ffn, pair.layer)]
+    for where, sub, choice, layer in asked:
+        kind = choice if isinstance(choice, str) else ("gqa" if sub == "attention" else "mlp")
+        reason = engine.unsupported(Alternative(-1 if layer is None else layer, sub, kind), None)
+        if reason:
+            raise PuzzleError(f"{where}: {choice!r} cannot be served by target.engine={engine.name} ({reason}); "
+                              "remove it or choose another engine")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PuzzleConfig:

@@ -94,14 +94,14 @@ def load_profile(workdir: Path, device: str | None = None) -> dict:
 
 def stage_search(cfg: PuzzleConfig, workdir: Path, device: str | None = None) -> dict:
     from . import search
-    from .library.space import enumerate_alternatives
+    from .library.space import target_alternatives
 
     scores_file = workdir / "scores" / "replace1.json"
     if not scores_file.is_file():
         raise PuzzleError(f"{scores_file} not found; run `puzzlenas score` first")
     scores = json.loads(scores_file.read_text())
     profile = load_profile(workdir, device)
-    alternatives = [a.name for a in enumerate_alternatives(cfg.search_space, parent_config(workdir))]
+    alternatives = [a.name for a in target_alternatives(cfg, parent_config(workdir))]
     missing = [a for a in alternatives if a not in scores["scores"] or a not in profile["alternatives"]]
     if missing:
         raise PuzzleError(f"scores or costs lack {len(missing)} alternatives (first: {missing[0]}); rerun score and costs")
@@ -109,42 +109,56 @@ def stage_search(cfg: PuzzleConfig, workdir: Path, device: str | None = None) ->
 
 
 def measure_solutions(cfg: PuzzleConfig, workdir: Path, repeats: int = 3) -> list[dict]:
-    """Build each solution's child (random weights: speed only) and time it against the parent
-    with the same harness, in the same run."""
+    """Build each solution's child (random weights: speed only) and time it against the parent in
+    the target engine, all models in turns in one run; speed-up = median of per-round ratios."""
+    import shutil
+
+    from .checkpoint.io import save_checkpoint
     from .checkpoint.parent import prepare_parent
-    from .costs import Scenario, measure_model_scenario, serving_dtype
-    from .library.space import Alternative
-    from .realize import assemble_child
-    from .utils import pick_device
+    from .engines import Scenario, get_engine, speedup_stats
+    from .realize import assemble_child, choices_from_solution
 
     solutions_file = workdir / "search" / "solutions.json"
     if not solutions_file.is_file():
         raise PuzzleError(f"{solutions_file} not found; run `puzzlenas search` first")
     result = json.loads(solutions_file.read_text())
-    device = pick_device()
+    engine = get_engine(cfg.target.engine)
+    engine.check_available()
     parent, _, _ = prepare_parent(cfg.parent, workdir)
-    dtype = getattr(torch, serving_dtype(cfg.costs.dtype, device))
-    parent = parent.to(device=device, dtype=dtype)
     sc = cfg.costs.scenario
     scenario = Scenario(sc.batch_size, sc.prompt_len, sc.generate_len)
+    scratch = workdir / "measure.tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        models: dict = {"parent": workdir / "parent" if engine.name != "torch" else parent}
+        for s in result["solutions"]:
+            child = assemble_child(parent, choices_from_solution(s), random_weights=True)
+            if engine.name == "torch":
+                models[f"solution{s['rank']}"] = child
+            else:
+                models[f"solution{s['rank']}"] = save_checkpoint(child, scratch / f"solution{s['rank']}")
+                del child
+        timings = engine.time_models(models, scenario, repeats=repeats, warmup=1,
+                                     dtype=engine.serving_dtype(cfg.costs.dtype))[0]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     rows = []
-    parent_time = measure_model_scenario(parent, scenario, warmup=1, repeats=repeats)["total_s"]
     for s in result["solutions"]:
-        choices = [(Alternative.from_name(x["attention"]), Alternative.from_name(x["ffn"])) for x in s["layers"]]
-        child = assemble_child(parent, choices, random_weights=True)
-        child_time = measure_model_scenario(child, scenario, warmup=1, repeats=repeats)["total_s"]
-        measured = parent_time / child_time
-        rows.append({"rank": s["rank"], "predicted_speedup": s["predicted_speedup"], "measured_speedup": measured,
-                     "error": s["predicted_speedup"] / measured - 1, "parent_s": parent_time, "child_s": child_time})
-        del child
+        t = timings[f"solution{s['rank']}"]
+        ratio = speedup_stats(timings["parent"], t)["total"]
+        rows.append({"rank": s["rank"], "predicted_speedup": s["predicted_speedup"], "measured_speedup": ratio["median"],
+                     "measured_min": ratio["min"], "measured_max": ratio["max"],
+                     "error": s["predicted_speedup"] / ratio["median"] - 1, "engine": engine.name,
+                     "parent_s": timings["parent"].summary()["total_s"], "child_s": t.summary()["total_s"]})
     return rows
 
 
 def format_measurements(rows: list[dict]) -> str:
-    lines = [f"| {'solution':>8} | {'predicted':>9} | {'measured':>8} | {'error':>7} |", f"|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 9}|"]
+    lines = [f"| {'solution':>8} | {'predicted':>9} | {'measured (min-max)':>20} | {'error':>7} |",
+             f"|{'-' * 10}|{'-' * 11}|{'-' * 22}|{'-' * 9}|"]
     for r in rows:
-        lines.append(f"| {r['rank']:>8} | {r['predicted_speedup']:>8.2f}x | {r['measured_speedup']:>7.2f}x | "
-                     f"{r['error']:>+6.1%} |")
+        spread = f"{r['measured_speedup']:.2f}x ({r['measured_min']:.2f}-{r['measured_max']:.2f})"
+        lines.append(f"| {r['rank']:>8} | {r['predicted_speedup']:>8.2f}x | {spread:>20} | {r['error']:>+6.1%} |")
     return "\n".join(lines)
 
 
@@ -165,9 +179,9 @@ def stage_fingerprints(cfg: PuzzleConfig, device_name: str) -> dict[str, str]:
     sec = lambda name: d.get(name, {})  # noqa: E731
     fp = {}
     fp["data"] = fingerprint(cfg.parent, sec("data"), cfg.seed)
-    fp["bld"] = fingerprint(fp["data"], sec("init"), sec("bld"), sec("search_space"))
+    fp["bld"] = fingerprint(fp["data"], sec("init"), sec("bld"), sec("search_space"), sec("target"))
     fp["score"] = fingerprint(fp["bld"], sec("scoring"))
-    fp["costs"] = fingerprint(cfg.parent, sec("search_space"), sec("costs"), device_name)
+    fp["costs"] = fingerprint(cfg.parent, sec("search_space"), sec("costs"), device_name, sec("target"))
     fp["search"] = fingerprint(fp["score"], fp["costs"], sec("search"))
     fp["realize"] = fingerprint(fp["search"], cfg.gkd.solution)
     fp["gkd"] = fingerprint(fp["realize"], sec("gkd"))
@@ -296,21 +310,21 @@ def _bld_hard_fp(cfg: PuzzleConfig, fps: dict) -> str:
 
 
 def _profile_name(cfg: PuzzleConfig, device) -> str:
-    from .costs import device_name
+    from .costs import profile_name
 
-    return cfg.costs.device if cfg.costs.device != "auto" else device_name(device)
+    return profile_name(cfg, device)
 
 
 def _run_baselines(cfg: PuzzleConfig, workdir: Path, ctx: Context, device, progress: bool) -> int:
     from . import baselines, gkd
     from .checkpoint.io import save_checkpoint
-    from .library.space import enumerate_alternatives
+    from .library.space import target_alternatives
     from .realize import assemble_child, choices_from_solution
     from .utils import atomic_write_json
 
     scores = json.loads((workdir / "scores" / "replace1.json").read_text())
     profile = load_profile(workdir, _profile_name(cfg, device))
-    alternatives = [a.name for a in enumerate_alternatives(cfg.search_space, ctx.parent.config)]
+    alternatives = [a.name for a in target_alternatives(cfg, ctx.parent.config)]
     library = open_library(workdir, ctx)
     tokens = 0
     for name, sol in baselines.run(cfg, workdir, scores, profile, alternatives).items():
@@ -347,4 +361,5 @@ def _run_eval(cfg: PuzzleConfig, workdir: Path, ctx: Context) -> dict:
         if not (path / "config.json").is_file():  # never evaluate without a model silently
             raise PuzzleError(f"{path} is missing, so the {name} cannot be evaluated; run without --only to rebuild it")
         models[name] = load_checkpoint(path).to(device)
-    return evaluate_models(models, "parent", ctx.tokenizer, cfg, ctx.data.val, workdir / "eval")
+    paths = {"parent": workdir / "parent", **candidates}
+    return evaluate_models(models, "parent", ctx.tokenizer, cfg, ctx.data.val, workdir / "eval", paths=paths)

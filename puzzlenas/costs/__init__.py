@@ -251,7 +251,8 @@ def _measure_profile(cfg, workdir: Path, parent, alternatives, scenario: Scenari
     if engine.profiles_by_variants:
         from .variants import measure_variants_profile, shape_key
 
-        measured = measure_variants_profile(parent, workdir / "parent", engine, alternatives, scenario, dtype_name,
+        parent_dir = workdir / "parent" if (workdir / "parent" / "config.json").is_file() else None
+        measured = measure_variants_profile(parent, parent_dir, engine, alternatives, scenario, dtype_name,
                                             c.warmup, c.repeats, workdir / "costs" / "variants.tmp", progress)
         times = {shape: measured["shapes"][shape] for shape in {shape_key(a) for a in alternatives}}
         shared = measured["shared"]

@@ -51,7 +51,7 @@ def variant_choices(config, engine, shape) -> tuple[list, int]:
     return choices, changed
 
 
-def measure_variants_profile(parent, parent_dir: Path, engine, alternatives: list[Alternative], scenario, dtype: str,
+def measure_variants_profile(parent, parent_dir: Path | None, engine, alternatives: list[Alternative], scenario, dtype: str,
                              warmup: int, repeats: int, scratch: Path, progress: bool = True) -> dict:
     """{"shared": {prefill_s, decode_s}, "shapes": {shape: {prefill_s, decode_s}}, "variants": raw timings,
     "decode_steps": n}: per-shape costs measured in `engine`."""
@@ -68,6 +68,8 @@ def measure_variants_profile(parent, parent_dir: Path, engine, alternatives: lis
     models, changed = {"parent": parent_dir}, {}
     shutil.rmtree(scratch, ignore_errors=True)
     try:
+        if parent_dir is None:  # no converted parent on disk (a bare library call): write one
+            models["parent"] = save_checkpoint(parent, scratch / "parent")
         for shape in measured:
             choices, changed[shape] = variant_choices(config, engine, shape)
             folder = scratch / shape_name(shape)

@@ -154,6 +154,9 @@ def _last_error(log_file: Path) -> str:
         lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return "no log"
+    if any("torchvision::nms" in line for line in lines):
+        return ("torchvision built for another torch breaks vLLM's import: "
+                "pip uninstall -y torchvision torchaudio torchcodec")
     for line in reversed(lines):
         if "Error" in line or "error" in line or "Exception" in line:
             return f"{line[:300]}; full log was {log_file.name}"

@@ -134,7 +134,8 @@ def write_report(workdir: str | Path) -> Path:
     if results:
         from ..evaluate import format_results
 
-        md += ["## Evaluation", "", format_results(results), "## Predicted vs measured speed", "",
+        md += ["## Evaluation", "", format_results(results),
+               f"## Predicted vs measured speed (in {results.get('engine', 'torch')})", "",
                "| model | predicted | measured |", "|---|---|---|"]
         predicted = {"child": chosen["predicted_speedup"] if solutions and solutions["solutions"] else None}
         for name, b in baselines.items():
