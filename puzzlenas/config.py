@@ -198,10 +198,13 @@ class EvalConfig(Section):
 class TargetConfig(Section):
     """Where the child will be served. The engine decides which block kinds the search may use,
     where costs are measured and how evaluation times speed. torch: puzzlenas's own PyTorch
-    model (every block kind); vllm: vLLM (no linear blocks, attention kept in layer 0); auto: vLLM
+    model (every block kind); vllm: vLLM (no linear blocks, attention kept in layer 0); llama.cpp:
+    the child exported to GGUF in `gguf_type` and run by llama.cpp (no linear FFN); auto: vLLM
     when it is installed here, else torch."""
 
-    engine: Literal["auto", "torch", "vllm"] = "torch"
+    engine: Literal["auto", "torch", "vllm", "llama.cpp"] = "torch"
+    # llama.cpp only: the GGUF type models are exported to, timed in and served in
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = "q8_0"
 
 
 class PuzzleConfig(Section):
@@ -274,6 +277,8 @@ def _resolve_target(cfg: PuzzleConfig) -> None:
 
     cfg.target.engine = resolve_engine_name(cfg.target.engine)
     engine = get_engine(cfg.target.engine)
+    if cfg.target.engine == "llama.cpp":
+        type(engine).gguf_type = cfg.target.gguf_type  # engines are built by name; the type travels with the class
     space = cfg.search_space
     asked: list[tuple[str, str, object]] = []
     if "attention" in space.model_fields_set and space.attention:

@@ -258,3 +258,38 @@ def test_smollm2_tokenizer_copied_and_converted(smollm2_checkpoint, tmp_path):
         finally:
             llm.close()
         assert got == expected, source
+
+
+# --- the engine ----------------------------------------------------------------------------------
+def test_engine_times_exported_checkpoints(tmp_path):
+    """time_models exports each checkpoint folder and times them in turns; batch 2 runs as two sequences."""
+    require_llama_cpp()
+    from puzzlenas.checkpoint.io import save_checkpoint
+    from puzzlenas.config import config_from_dict
+    from puzzlenas.engines import Scenario, get_engine, speedup_stats
+    from puzzlenas.library.space import Alternative
+
+    cfg = config_from_dict({"target": {"engine": "llama.cpp", "gguf_type": "f16"}})
+    engine = get_engine(cfg.target.engine)
+    assert engine.gguf_type == "f16"
+    model = tiny_heterogeneous()
+    assert engine.unsupported(Alternative(0, "ffn", "linear"), model.config)
+    assert engine.unsupported(Alternative(0, "attention", "linear"), model.config) is None
+    assert engine.unsupported_pair(Alternative(0, "attention", "gqa", 2), Alternative(0, "ffn", "no_op"), model.config) is None
+    save_checkpoint(model, tmp_path / "a")
+    save_checkpoint(tiny_heterogeneous(tie=True), tmp_path / "b")
+    groups = engine.time_models({"a": tmp_path / "a", "b": tmp_path / "b"}, Scenario(2, 16, 5), repeats=2, warmup=1,
+                                groups=[["a", "b"], ["b"]])
+    assert [sorted(g) for g in groups] == [["a", "b"], ["b"]]
+    a = groups[0]["a"]
+    assert a.decode_steps == 4 and len(a.total_s) == 2 and all(0 < p < t for p, t in zip(a.prefill_s, a.total_s))
+    assert speedup_stats(a, groups[0]["b"])["total"]["median"] > 0
+
+
+def test_engine_is_refused_without_llama_cpp(monkeypatch):
+    from puzzlenas.engines.llamacpp_engine import LlamaCppEngine
+    from puzzlenas.errors import PuzzleError
+
+    monkeypatch.setattr(LlamaCppEngine, "installed", classmethod(lambda cls: False))
+    with pytest.raises(PuzzleError, match="llama-cpp-python is not installed"):
+        LlamaCppEngine().check_available()

@@ -224,6 +224,8 @@ def profile_name(cfg, device: torch.device) -> str:
     if cfg.costs.device != "auto":
         return cfg.costs.device
     engine = cfg.target.engine
+    if engine == "llama.cpp":  # costs differ by GGUF type: one profile per type
+        engine = f"llama.cpp-{cfg.target.gguf_type}"
     return device_name(device) if engine == "torch" else f"{engine}-{device_name(device)}"
 
 

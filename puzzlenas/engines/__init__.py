@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from ..errors import PuzzleError
 from .base import Engine, ModelTimings, Scenario, speedup_stats
+from .llamacpp_engine import LlamaCppEngine
 from .torch_engine import TorchEngine
 from .vllm_engine import VLLMEngine
 
-ENGINES: dict[str, type[Engine]] = {"torch": TorchEngine, "vllm": VLLMEngine}
+ENGINES: dict[str, type[Engine]] = {"torch": TorchEngine, "vllm": VLLMEngine, "llama.cpp": LlamaCppEngine}
 
 
 def get_engine(name: str) -> Engine:
