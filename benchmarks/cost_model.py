@@ -1,10 +1,11 @@
 """Predicted vs measured speed-up in a serving engine for solutions between 1.2x and 2.5x.
 
-    python benchmarks/cost_model.py [--engine torch|vllm] [--targets 1.2 1.5 1.8 2.1 2.5]
+    python benchmarks/cost_model.py [--engine torch|vllm|llama.cpp] [--gguf-type q8_0] [--targets 1.2 1.5 1.8 2.1 2.5]
                                     [--prompt 128] [--generate 64] [--repeats 3]
 
 Measures the SmolLM2-135M cost profile of the default search space for the scenario in the
-engine (torch: sub-blocks in puzzlenas's harness; vllm: whole-model variants timed in vLLM),
+engine (torch: sub-blocks in puzzlenas's harness; vllm / llama.cpp: whole-model variants timed in
+the engine, for llama.cpp each exported to GGUF in --gguf-type),
 solves the MIP once per target, builds each child (random weights: speed only) and times the
 parent and every child in the engine, all in turns in one run (A B C ... A B C ...). The
 measured speed-up is the median of the per-round ratios (min-max shown). Quality plays no part,
@@ -50,7 +51,8 @@ def proxy_scores(profile: dict, alternatives: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--engine", default="torch", help="torch | vllm")
+    ap.add_argument("--engine", default="torch", help="torch | vllm | llama.cpp")
+    ap.add_argument("--gguf-type", default="q8_0", help="llama.cpp only: the GGUF type models are timed in")
     ap.add_argument("--targets", type=float, nargs="+", default=[1.2, 1.5, 1.8, 2.1, 2.5])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=128)
@@ -60,7 +62,8 @@ def main() -> None:
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "puzzlenas-bench"))
     args = ap.parse_args()
     work = Path(args.cache) / f"cost-model-{args.engine}"
-    cfg = config_from_dict({"target": {"engine": args.engine},
+    target = {"engine": args.engine, **({"gguf_type": args.gguf_type} if args.engine == "llama.cpp" else {})}
+    cfg = config_from_dict({"target": target,
                             "costs": {"repeats": args.profile_repeats, "warmup": 1,
                                       "scenario": {"batch_size": args.batch, "prompt_len": args.prompt,
                                                    "generate_len": args.generate}}})

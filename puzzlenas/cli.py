@@ -11,6 +11,7 @@
     puzzlenas distill CONFIG --workdir W
     puzzlenas eval CHECKPOINT [--parent PARENT] [--config CONFIG] [--workdir W]
     puzzlenas serve CHECKPOINT [--host 127.0.0.1] [--port 8000]
+    puzzlenas export CHECKPOINT OUT.gguf [--type q8_0] [--tokenizer PARENT]
     puzzlenas run [CONFIG] [--preset quick] [--from STAGE | --only STAGE] [--set key=value] [--workdir W]
 """
 
@@ -286,6 +287,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
     os.execv(cmd[0], cmd)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """A checkpoint as a GGUF file for llama.cpp (its `deci` architecture)."""
+    from pathlib import Path
+
+    from .export import export_gguf
+
+    if args.tokenizer is None and not (Path(args.checkpoint) / "tokenizer_config.json").is_file():
+        print(f"warning: {args.checkpoint} has no tokenizer and --tokenizer was not given: the GGUF gets a "
+              "placeholder vocabulary (it can be timed, not prompted with text)", file=sys.stderr)
+    out = export_gguf(args.checkpoint, args.out, args.type, tokenizer=args.tokenizer)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="puzzlenas", description="Distillation-based NAS for Llama-family LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -360,6 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (default: the model's)")
     p.add_argument("--print-command", action="store_true", help="print the vllm serve command instead of running it")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="write a checkpoint as a GGUF file that llama.cpp (and ollama) run")
+    p.add_argument("checkpoint", help="a checkpoint folder (e.g. work/child)")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--type", default="q8_0", help="f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0 (default q8_0)")
+    p.add_argument("--tokenizer", default=None,
+                   help="the parent (a .gguf file or 'smollm2': tokenizer copied) or a folder with a HF tokenizer "
+                        "(converted); default: the checkpoint's own tokenizer")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -54,12 +54,18 @@ def llama_logits(path, prompts: list[list[int]], n_ctx: int = 512) -> list[np.nd
         llm.close()
 
 
-def tiny_heterogeneous(tie: bool = False, **kwargs):
+# no layer with a KV cache: the exporter adds a zero-output attention layer llama.cpp needs for one
+NO_KV = [{"attention": {"replace_with_linear": True}, "ffn": {"intermediate_size": 64}},
+         {"attention": {"no_op": True}, "ffn": {"intermediate_size": 96}},
+         {"attention": {"replace_with_linear": True}, "ffn": {"no_op": True}}]
+
+
+def tiny_heterogeneous(tie: bool = False, blocks=HETEROGENEOUS, **kwargs):
     from puzzlenas.model import DeciLMConfig, DeciLMForCausalLM
 
-    config = DeciLMConfig(vocab_size=99, hidden_size=64, num_hidden_layers=len(HETEROGENEOUS), num_attention_heads=4,
+    config = DeciLMConfig(vocab_size=99, hidden_size=64, num_hidden_layers=len(blocks), num_attention_heads=4,
                           intermediate_size=96, max_position_embeddings=256, rms_norm_eps=1e-6,
-                          block_configs=HETEROGENEOUS, tie_word_embeddings=tie, **kwargs)
+                          block_configs=blocks, tie_word_embeddings=tie, **kwargs)
     torch.manual_seed(0)
     model = DeciLMForCausalLM(config).eval()
     with torch.no_grad():  # random norms and biases, and weights large enough that every block matters
@@ -75,13 +81,13 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
 
-@pytest.mark.parametrize("variant", ["plain", "tied", "qkv-bias", "llama3-rope"])
+@pytest.mark.parametrize("variant", ["plain", "tied", "qkv-bias", "llama3-rope", "no-kv-cache"])
 def test_tiny_heterogeneous_f32_matches_pytorch(variant, tmp_path):
     require_llama_cpp()
     from puzzlenas.export import export_gguf
 
     kwargs = {"tied": {"tie": True}, "qkv-bias": {"qkv_bias": True},
-              "llama3-rope": {"rope_parameters": LLAMA3_ROPE}}.get(variant, {})
+              "llama3-rope": {"rope_parameters": LLAMA3_ROPE}, "no-kv-cache": {"blocks": NO_KV}}.get(variant, {})
     model = tiny_heterogeneous(**kwargs)
     path = export_gguf(model, tmp_path / "child.gguf", "f32")
     g = torch.Generator().manual_seed(1)
@@ -293,3 +299,26 @@ def test_engine_is_refused_without_llama_cpp(monkeypatch):
     monkeypatch.setattr(LlamaCppEngine, "installed", classmethod(lambda cls: False))
     with pytest.raises(PuzzleError, match="llama-cpp-python is not installed"):
         LlamaCppEngine().check_available()
+
+
+def test_export_command(tmp_path):
+    """`puzzlenas export` through the real CLI: a checkpoint with its tokenizer -> a GGUF llama.cpp loads."""
+    llama_cpp = require_llama_cpp()
+    from conftest import make_tiny_tokenizer, start_cli
+
+    from puzzlenas.checkpoint.io import save_checkpoint
+
+    save_checkpoint(tiny_heterogeneous(), tmp_path / "child", make_tiny_tokenizer())
+    proc = start_cli(["export", str(tmp_path / "child"), str(tmp_path / "child.gguf"), "--type", "q8_0"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "wrote" in out and "q8_0" in out
+    llm = llama_cpp.Llama(str(tmp_path / "child.gguf"), n_ctx=64, verbose=False)
+    try:
+        assert llm.n_vocab() == 99
+        llm.eval([5, 6, 7])  # runs
+    finally:
+        llm.close()
+    proc = start_cli(["export", str(tmp_path / "child"), str(tmp_path / "x.gguf"), "--type", "q3_k"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "q3_k" in out.splitlines()[-1] and not (tmp_path / "x.gguf").exists()

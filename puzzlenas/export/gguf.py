@@ -9,13 +9,14 @@ llama.cpp's `deci` graph (src/models/deci.cpp) reads per-layer arrays `deci.atte
     head_count > 0, head_count_kv = 0   -> "linear attention": attn_norm, then attn_output (hidden x hidden)
     head_count > 0, head_count_kv = k   -> grouped-query attention with k KV heads
     feed_forward_length = n > 0         -> ffn_norm + SiLU-gated MLP of size n
-    feed_forward_length = 0             -> the whole layer is skipped (`continue`)
+    feed_forward_length = 0             -> the layer's output is skipped (`continue`), attention included
 
 The last rule is why a layer that keeps attention but drops its FFN cannot be written as
 feed_forward_length = 0: llama.cpp would throw the attention's output away. We write that FFN as a
 1-channel MLP whose weights are all zero (it adds exactly 0) and keep its tensors in f32; it costs
 a norm and three (hidden x 1) products. A layer with neither attention nor FFN is the identity and
-is left out of the file. There is nowhere to put a linear FFN (llama.cpp has no such block), nor
+is left out of the file. A model without any attention layer gets a first 1-head attention layer
+with a zero output and FFN size 0 (llama.cpp cannot allocate an empty KV cache). There is nowhere to put a linear FFN (llama.cpp has no such block), nor
 Qwen3's q/k norms: those checkpoints are refused with one line.
 
 Weights: q and k are permuted from Hugging Face's rotate-half RoPE layout to llama.cpp's
@@ -125,8 +126,11 @@ def _layer_plan(config) -> list[tuple[int, int, int, int]]:
             continue  # the identity: nothing to write
         ffn = f.intermediate_size if f.kind == "mlp" else (1 if heads else 0)  # see the module docstring
         plan.append((i, heads, kv, ffn))
-    if not plan:  # every layer is the identity; llama.cpp needs one: a zero FFN layer adds nothing
-        plan.append((0, 0, 0, 1))
+    if not any(kv for _, _, kv, _ in plan):
+        # llama.cpp cannot allocate a KV cache of size 0 (no context for a model without attention):
+        # put first a 1-head attention layer with a zero output projection and FFN size 0, which
+        # llama.cpp computes (its cache is written) and then skips, so the output is unchanged.
+        plan.insert(0, (-1, 1, 1, 0))
     return plan
 
 
@@ -160,7 +164,7 @@ def _rope_factors(config) -> np.ndarray | None:
     dim = config.head_dim
     plain = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     factors = (plain / ours).float().numpy()
-    return None if np.allclose(factors, 1.0, rtol=0, atol=1e-7) else factors
+    return None if np.allclose(factors, 1.0, rtol=0, atol=1e-5) else factors  # float32 rounding: ~1e-7
 
 
 def _permute_rope(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -193,6 +197,13 @@ def _tensors(model, plan, gguf_type: str):
         yield "rope_freqs.weight", factors, "F32"
     for j, (i, heads, kv, n_ff) in enumerate(plan):
         src, dst = f"model.layers.{i}.", f"blk.{j}."
+        if i == -1:  # the KV-cache carrier of `_layer_plan`
+            hidden, d = config.hidden_size, config.head_dim
+            yield store(dst + "attn_norm.weight", torch.ones(hidden), "F32")
+            for name, shape in (("attn_q", (d, hidden)), ("attn_k", (d, hidden)), ("attn_v", (d, hidden)),
+                                ("attn_output", (hidden, d))):
+                yield store(dst + name + ".weight", torch.zeros(shape), "F32")
+            continue
         block = config.block_configs[i]
         if block.attention.kind == "linear":
             yield store(dst + "attn_norm.weight", sd[src + "input_layernorm.weight"], "F32")
@@ -228,7 +239,7 @@ def _tensors(model, plan, gguf_type: str):
 # --- tokenizer -------------------------------------------------------------------------------
 def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     if tokenizer is None:
-        log.warning("no tokenizer given: writing a placeholder vocabulary (the GGUF can be timed, not prompted with text)")
+        log.info("no tokenizer: writing a placeholder vocabulary (the GGUF can be timed, not prompted with text)")
         _write_placeholder_vocab(writer, vocab_size)
         return
     if isinstance(tokenizer, (str, Path)):
@@ -290,6 +301,7 @@ def _convert_hf_tokenizer(writer, tokenizer, vocab_size: int) -> None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    merges = merges or [f"{tokens[0]} {tokens[0]}"]  # llama.cpp refuses a BPE vocabulary without merges
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_tokenizer(tokenizer, tokens, types, merges))
     writer.add_token_list(tokens)
