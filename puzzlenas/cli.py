@@ -72,6 +72,26 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(results.read_text())
     if report.is_file():
         print(f"report: {report}")
+    if cfg.target.engine == "llama.cpp" and (workdir / "child" / "config.json").is_file():
+        print(f"llama.cpp GGUF: {_export_child_gguf(cfg, workdir)}")
+
+
+def _export_child_gguf(cfg, workdir):
+    """workdir/export/child.<gguf_type>.gguf, what a llama.cpp user serves: written again only when
+    the child changed; the tokenizer copied from a GGUF parent, else the child's own converted."""
+    from .checkpoint.convert import resolve_parent_path
+    from .export import export_gguf
+
+    child = workdir / "child"
+    out = workdir / "export" / f"child.{cfg.target.gguf_type}.gguf"
+    if out.is_file() and out.stat().st_mtime >= max(f.stat().st_mtime for f in child.iterdir()):
+        return out
+    try:
+        parent = resolve_parent_path(cfg.parent)
+    except PuzzleError:
+        parent = None
+    tokenizer = parent if parent is not None and parent.is_file() and parent.suffix == ".gguf" else None
+    return export_gguf(child, out, cfg.target.gguf_type, tokenizer=tokenizer)
 
 
 def _init_distributed():
