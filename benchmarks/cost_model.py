@@ -119,6 +119,8 @@ def main() -> None:
         print(f"| {target:>5.1f}x | {predicted:>8.2f}x | {spread:>20} | {err:>+6.1%} | {mix:<20} |")
     if errors:
         print(f"\nworst error {max(errors):.1%} over {len(errors)} solutions (goal: within 10 %)")
+    for warning in profile.get("warnings", []):
+        print(f"warning: {warning}")
 
 
 if __name__ == "__main__":

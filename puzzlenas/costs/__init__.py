@@ -259,7 +259,8 @@ def _measure_profile(cfg, workdir: Path, parent, alternatives, scenario: Scenari
         times = {shape: measured["shapes"][shape] for shape in {shape_key(a) for a in alternatives}}
         shared = measured["shared"]
         extra = {"engine": engine.name, "method": "whole-model variants", "decode_steps": measured["decode_steps"],
-                 "parent_measured": measured["parent_measured"], "variants": measured["variants"]}
+                 "parent_measured": measured["parent_measured"], "variants": measured["variants"],
+                 "warnings": measured["warnings"]}
     else:
         from tqdm.auto import tqdm
 

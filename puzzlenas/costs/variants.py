@@ -103,6 +103,11 @@ def measure_variants_profile(parent, parent_dir: Path | None, engine, alternativ
     n = config.num_hidden_layers
     shared = {"prefill_s": parent_prefill - n * (cost[ref_attention][0] + cost[ref_ffn][0]),
               "decode_s": parent_decode - n * (cost[ref_attention][1] + cost[ref_ffn][1])}
-    return {"shared": shared, "decode_steps": steps,
+    warnings = [f"shared {phase} time came out negative ({shared[phase]:.4g} s): the per-layer differences exceed the "
+                "parent's own time, so the rounds were disturbed (a busy machine?); measure again on a quiet one"
+                for phase in ("prefill_s", "decode_s") if shared[phase] < 0]
+    for w in warnings:
+        log.warning("%s", w)
+    return {"shared": shared, "decode_steps": steps, "warnings": warnings,
             "shapes": {s: {"prefill_s": c[0], "decode_s": c[1]} for s, c in cost.items()},
             "parent_measured": {"prefill_s": parent_prefill, "decode_s": parent_decode}, "variants": raw}
