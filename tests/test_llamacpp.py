@@ -267,13 +267,15 @@ def test_smollm2_tokenizer_copied_and_converted(smollm2_checkpoint, tmp_path):
 
 
 # --- the engine ----------------------------------------------------------------------------------
-def test_engine_times_exported_checkpoints(tmp_path):
+def test_engine_times_exported_checkpoints(tmp_path, monkeypatch):
     """time_models exports each checkpoint folder and times them in turns; batch 2 runs as two sequences."""
     require_llama_cpp()
     from puzzlenas.checkpoint.io import save_checkpoint
     from puzzlenas.config import config_from_dict
-    from puzzlenas.engines import Scenario, get_engine, speedup_stats
+    from puzzlenas.engines import LlamaCppEngine, Scenario, get_engine, speedup_stats
     from puzzlenas.library.space import Alternative
+
+    monkeypatch.setattr(LlamaCppEngine, "gguf_type", LlamaCppEngine.gguf_type)  # restored after the test
 
     cfg = config_from_dict({"target": {"engine": "llama.cpp", "gguf_type": "f16"}})
     engine = get_engine(cfg.target.engine)

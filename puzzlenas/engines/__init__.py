@@ -39,4 +39,5 @@ def resolve_engine_name(name: str) -> str:
     return "vllm" if VLLMEngine.installed() else "torch"
 
 
-__all__ = ["ENGINES", "Engine", "ModelTimings", "Scenario", "get_engine", "resolve_engine_name", "speedup_stats"]
+__all__ = ["ENGINES", "Engine", "LlamaCppEngine", "ModelTimings", "Scenario", "get_engine", "resolve_engine_name",
+           "speedup_stats"]
