@@ -36,6 +36,20 @@ def shape_name(shape: tuple[str, str, int | None]) -> str:
     return f"{sub}-{kind}{size if size is not None else ''}"
 
 
+def _steady_rounds(parent_timings, typical: float, tolerance: float = 0.25) -> list[int]:
+    """Rounds whose parent time is within `tolerance` of the parent's typical (median) time."""
+    return [i for i, t in enumerate(parent_timings.total_s) if abs(t - typical) <= tolerance * typical]
+
+
+def _select(timings, rounds: list[int]):
+    from ..engines.base import ModelTimings
+
+    out = ModelTimings(decode_steps=timings.decode_steps)
+    for i in rounds:
+        out.add(timings.prefill_s[i], timings.total_s[i])
+    return out
+
+
 def variant_choices(config, engine, shape) -> tuple[list, int]:
     """The parent's layers with `shape` put into every layer the engine allows it in; and how many."""
     from ..realize import parent_choices
@@ -80,13 +94,28 @@ def measure_variants_profile(parent, parent_dir: Path | None, engine, alternativ
         groups = [["parent", shape_name(s)] for s in measured]
         results = engine.time_models(models, scenario, repeats=repeats, warmup=warmup, groups=groups, dtype=dtype,
                                      progress=progress)
+        # A burst of other work on the machine can stretch whole rounds several-fold. The parent runs in
+        # every group, so its median over all rounds says what an undisturbed round takes: rounds whose
+        # parent time is far from it are dropped, and a group left with too few rounds is timed again.
+        for _attempt in range(2):
+            typical = statistics.median(t for g in results for t in g["parent"].total_s)
+            bad = [i for i, g in enumerate(results) if len(_steady_rounds(g["parent"], typical)) < max(2, repeats // 2)]
+            if not bad:
+                break
+            log.info("timing %d disturbed variant group(s) again", len(bad))
+            again = engine.time_models(models, scenario, repeats=repeats, warmup=warmup,
+                                       groups=[groups[i] for i in bad], dtype=dtype, progress=progress)
+            for i, g in zip(bad, again):
+                results[i] = g
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    typical = statistics.median(t for g in results for t in g["parent"].total_s)
     steps = results[0]["parent"].decode_steps
     delta = {}  # shape -> per-layer change of (prefill, decode step) seconds against the parent's shape
     raw = {}
     for shape, group in zip(measured, results):
-        ref, var = group["parent"], group[shape_name(shape)]
+        keep = _steady_rounds(group["parent"], typical) or list(range(len(group["parent"].total_s)))
+        ref, var = _select(group["parent"], keep), _select(group[shape_name(shape)], keep)
         dp = statistics.median(v - r for v, r in zip(var.prefill_s, ref.prefill_s))
         dd = statistics.median(v - r for v, r in zip(var.decode_s, ref.decode_s)) / steps
         delta[shape] = (dp / changed[shape], dd / changed[shape])
