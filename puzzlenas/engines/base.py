@@ -75,12 +75,23 @@ class Engine:
     # True where costs come from timing whole models (synthetic variants), False: per-block harness
     profiles_by_variants = True
 
+    # the Python module the engine needs (None: nothing beyond puzzlenas) and how to install it
+    module: str | None = None
+    package = ""  # its name as users install it
+    install_hint = ""
+
     @classmethod
     def installed(cls) -> bool:
-        return True
+        import importlib.util
+
+        return cls.module is None or importlib.util.find_spec(cls.module) is not None
 
     def check_available(self) -> None:
         """Raise PuzzleError (one line, naming the install command) when the engine cannot run here."""
+        if not self.installed():
+            from ..errors import PuzzleError
+
+            raise PuzzleError(f"target.engine={self.name} but {self.package} is not installed: {self.install_hint}")
 
     def unsupported(self, alt, config: DeciLMConfig) -> str | None:
         """Why the engine cannot serve alternative `alt` in its layer, or None when it can."""

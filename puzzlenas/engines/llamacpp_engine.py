@@ -27,7 +27,6 @@ KV cache: llama.cpp's default (f16).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -51,14 +50,9 @@ class LlamaCppEngine(Engine):
     profiles_by_variants = True
     # the GGUF type models are exported to and timed in; set from `target.gguf_type` when a config is loaded
     gguf_type = "q8_0"
-
-    @classmethod
-    def installed(cls) -> bool:
-        return importlib.util.find_spec("llama_cpp") is not None
-
-    def check_available(self) -> None:
-        if not self.installed():
-            raise PuzzleError(f"target.engine=llama.cpp but llama-cpp-python is not installed: {INSTALL_HINT}")
+    module = "llama_cpp"
+    package = "llama-cpp-python"
+    install_hint = INSTALL_HINT
 
     def unsupported(self, alt, config) -> str | None:
         reason = super().unsupported(alt, config)

