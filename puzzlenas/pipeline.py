@@ -24,6 +24,7 @@ import torch
 
 from .config import PuzzleConfig, save_config
 from .errors import PuzzleError
+from .stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,6 @@ def format_measurements(rows: list[dict]) -> str:
 
 # --- the whole pipeline ----------------------------------------------------------------------
 
-STAGES = ["data", "bld", "score", "costs", "search", "realize", "gkd", "baselines", "eval", "report"]
-
 
 def stage_fingerprints(cfg: PuzzleConfig, device_name: str) -> dict[str, str]:
     """Each stage's inputs: its config sections and its upstream stages' fingerprints.
@@ -226,6 +225,9 @@ def run_pipeline(cfg: PuzzleConfig, workdir: Path, from_stage: str | None = None
     fps = stage_fingerprints(cfg, device_name(device))
     profile_name, k = _profile_name(cfg, device), cfg.gkd.solution
     selected = [only] if only else STAGES[STAGES.index(from_stage) :] if from_stage else STAGES
+    from .preflight import check_inputs
+
+    check_inputs(cfg, workdir, selected)  # every input of every selected stage reachable, before the first starts
     for stage in STAGES[: STAGES.index(selected[0])]:
         if not _marker(workdir, stage).is_file():
             raise PuzzleError(f"stage {stage!r} has not run yet in {workdir}; run without --from/--only first")

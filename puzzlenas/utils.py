@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, safe state loading, fingerprints, device and dtype choice."""
+"""Small shared helpers: atomic writes, safe state loading, fingerprints, a median timer, device and dtype choice."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import hashlib
 import json
 import logging
 import os
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -140,6 +142,25 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_bf16_is_faster() else None
 
 
+def median_time(fn, warmup: int, repeats: int, sync, reset=None) -> float:
+    """Median seconds of `fn()` over `repeats` calls after `warmup` untimed ones; `sync` waits for the
+    device (cuda) around each timed call, `reset` (untimed) undoes what a call changed."""
+    for _ in range(warmup):
+        fn()
+        if reset:
+            reset()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+        if reset:
+            reset()
+    return statistics.median(times)
+
+
 @functools.cache
 def cpu_bf16_is_faster(size: int = 256, repeats: int = 3) -> bool:
     """Whether this CPU multiplies bf16 matrices clearly faster than fp32, by measuring it once.
@@ -148,11 +169,10 @@ def cpu_bf16_is_faster(size: int = 256, repeats: int = 3) -> bool:
     without them (e.g. AVX2-only EPYCs) emulate it ~30x slower, which turns an hour of BLD into
     a day. No flag reports this portably across x86 and ARM; a 50 ms timing does.
     """
-    from .costs import _median_time  # the cost profiler's timer; imported here: costs imports utils
 
     def matmul_time(dtype: torch.dtype) -> float:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        return _median_time(lambda: a @ b, warmup=1, repeats=repeats, sync=lambda: None)
+        return median_time(lambda: a @ b, warmup=1, repeats=repeats, sync=lambda: None)
 
     faster = matmul_time(torch.float32) > 1.2 * matmul_time(torch.bfloat16)
     logging.getLogger(__name__).info("CPU bf16 matmul is %s than fp32: training in %s", "faster" if faster else "slower",

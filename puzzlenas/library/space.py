@@ -11,18 +11,26 @@ Its parameter names are the decoder layer's own (`input_layernorm.weight`, `self
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import SearchSpaceConfig
 from ..errors import PuzzleError
 from ..model import AttentionConfig, DeciLMConfig, FFNConfig
 from ..model.modeling_decilm import DeciLMRMSNorm, build_attention, build_ffn
 
+if TYPE_CHECKING:  # annotations only: config imports this module to check choices against engines
+    from ..config import SearchSpaceConfig
+
+KINDS = ("gqa", "mlp", "linear", "no_op")
+
 
 @dataclass(frozen=True, order=True)
 class Alternative:
+    """One sub-block choice of one layer. The only place its name is formatted (`name`, `short`)
+    and parsed (`from_name`): `layer007.ffn.mlp768` is layer 7, FFN, kind mlp, size 768."""
+
     layer: int
     sub: str  # "attention" | "ffn"
     kind: str  # attention: gqa | linear | no_op; ffn: mlp | linear | no_op
@@ -30,8 +38,21 @@ class Alternative:
 
     @property
     def name(self) -> str:
-        short = f"{self.kind}{self.size}" if self.size is not None else self.kind
-        return f"layer{self.layer:03d}.{self.sub}.{short}"
+        return f"layer{self.layer:03d}.{self.sub}.{self.short}"
+
+    @property
+    def short(self) -> str:
+        """The name's last part, kind and size: `gqa2`, `mlp768`, `linear`, `no_op`."""
+        return self.format_short(self.kind, self.size)
+
+    @staticmethod
+    def format_short(kind: str, size: int | None) -> str:
+        return f"{kind}{size}" if size is not None else kind
+
+    @property
+    def shape(self) -> tuple[str, str, int | None]:
+        """(sub, kind, size): what its cost depends on (same-shaped alternatives of any layer cost the same)."""
+        return (self.sub, self.kind, self.size)
 
     @property
     def trainable(self) -> bool:
@@ -45,7 +66,7 @@ class Alternative:
     @classmethod
     def from_name(cls, name: str) -> Alternative:
         layer, sub, short = name.split(".")
-        for kind in ("gqa", "mlp", "linear", "no_op"):
+        for kind in KINDS:
             if short.startswith(kind):
                 rest = short[len(kind) :]
                 return cls(int(layer[5:]), sub, kind, int(rest) if rest else None)
@@ -191,8 +212,7 @@ class CoupledPair:
 
 
 def pair_name(attention: Alternative, ffn: Alternative) -> str:
-    short = lambda a: f"{a.kind}{a.size}" if a.size is not None else a.kind  # noqa: E731
-    return f"layer{attention.layer:03d}.pair.{short(attention)}+{short(ffn)}"
+    return f"layer{attention.layer:03d}.pair.{attention.short}+{ffn.short}"
 
 
 def enumerate_pairs(coupled, space: SearchSpaceConfig, config: DeciLMConfig) -> list[CoupledPair]:

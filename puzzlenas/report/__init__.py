@@ -146,7 +146,7 @@ def write_report(workdir: str | Path) -> Path:
         md.append("")
     if stages:
         md += ["## Time and tokens per stage", "", "| stage | wall time (s) | tokens |", "|---|---|---|"]
-        from ..pipeline import STAGES
+        from ..stages import STAGES
 
         for name, s in sorted(stages.items(), key=lambda kv: STAGES.index(kv[0]) if kv[0] in STAGES else 99):
             md.append(f"| {name} | {s.get('seconds', 0):.0f} | {s.get('tokens', '')} |")
