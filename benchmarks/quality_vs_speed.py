@@ -25,6 +25,16 @@ from puzzlenas.pipeline import run_pipeline
 ROWS = ["parent", "child", "width baseline", "depth baseline"]
 
 
+def mean_accuracy(tasks: dict) -> tuple[float, float]:
+    """Mean accuracy over the tasks that report one, and its standard error (the tasks' items are
+    independent: sqrt(sum of squared standard errors) / number of tasks)."""
+    scored = [t for t in tasks.values() if "acc" in t]
+    if not scored:
+        return float("nan"), float("nan")
+    se = sum(t.get("acc_stderr", float("nan")) ** 2 for t in scored) ** 0.5 / len(scored)
+    return sum(t["acc"] for t in scored) / len(scored), se
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "smollm2_gutenberg.yaml"))
@@ -46,7 +56,7 @@ def main() -> None:
     print(f"\nSmolLM2-135M, data {cfg.data.path}, BLD {cfg.bld.tokens} tokens, GKD {cfg.gkd.tokens} tokens per model, "
           f"lm-eval limit {cfg.eval.limit}/task, WikiText-2 {cfg.eval.ppl_max_tokens or 'all'} tokens, "
           f"speed in {cfg.target.engine}")
-    print("\n| target | model | KL | WikiText-2 ppl | mean lm-eval acc | measured speed-up (min-max) |")
+    print("\n| target | model | KL | WikiText-2 ppl | mean lm-eval acc ± s.e. | measured speed-up (min-max) |")
     print("|---|---|---|---|---|---|")
     for target, report in tables.items():
         for name in ROWS:
@@ -54,12 +64,11 @@ def main() -> None:
             if r is None:
                 print(f"| {target}x | {name} | not reachable | | | |")
                 continue
-            accs = [t["acc"] for t in r.get("tasks", {}).values() if "acc" in t]
-            mean_acc = sum(accs) / len(accs) if accs else float("nan")
+            mean_acc, se = mean_accuracy(r.get("tasks", {}))
             sp = r["speed"]
             spread = sp.get("spread", {}).get("total")
             speed = f"{sp['total_speedup']:.2f}x" + (f" ({spread['min']:.2f}-{spread['max']:.2f})" if spread else "")
-            print(f"| {target}x | {name} | {r['kl']:.4f} | {r['wikitext2']['perplexity']:.2f} | {mean_acc:.3f} | {speed} |")
+            print(f"| {target}x | {name} | {r['kl']:.4f} | {r['wikitext2']['perplexity']:.2f} | {mean_acc:.3f} ± {se:.3f} | {speed} |")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def _load_cfg(args):
     from .config import load_config
+    from .preflight import check_command
 
-    return load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)
+    check_command(args, cfg)  # every input it needs reachable before the slow part, else one line
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -261,6 +264,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if not Path(path).exists() and path not in BUNDLED:
             raise PuzzleError(f"checkpoint {path!r} not found (give a checkpoint folder, e.g. {Path(args.workdir) / 'child'})")
     cfg = load_config(args.config, args.set)
+    from .preflight import check_command
+
+    check_command(args, cfg)
     workdir = Path(args.workdir)
     device = pick_device()
     parent, tokenizer, fp = prepare_parent(args.parent or cfg.parent, workdir)

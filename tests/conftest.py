@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(os.environ.get("PUZZLENAS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# The project's shared data (evaluation files, distillation text): $PUZZLENAS_DATA as CI and the README's
+# offline instructions set it, else shared/data beside the repository. Exported for the whole session, so
+# evaluation in tests and in their CLI subprocesses reads this copy and never the hub.
+SHARED_DATA = Path(os.environ.get("PUZZLENAS_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data").resolve()
+os.environ["PUZZLENAS_DATA"] = str(SHARED_DATA)
 
 TINY = dict(
     vocab_size=99,

@@ -10,8 +10,10 @@ Per model:
                ppl_context/2 tokens of context (except at the start). `ppl_max_tokens` caps the
                stream on slow machines (None = the whole file); the cap is reported.
   kl, agreement  mean per-token KL(parent || model) and top-1 agreement on held-out sequences
-  lm-eval      zero-shot accuracy via lm-evaluation-harness on the local task files
-               (task configs shipped in puzzlenas/evaluate/tasks, the model passed as an object)
+  lm-eval      zero-shot accuracy via lm-evaluation-harness, the model passed as an object: any lm-eval
+               task name; the shipped ones (tasks/*.yaml) read a local copy when one is configured,
+               everything else comes from the hub (data.py says where data comes from). `limit` items
+               per task (all when a task has fewer), each accuracy with its standard error
   speed        prefill and decode tokens/s for the scenario, timed in the target engine
                (cfg.target.engine: puzzlenas's PyTorch model, or vLLM from the checkpoint folders),
                every model in the same run and in turns (A B C A B C ...), and each speed-up vs
@@ -30,17 +32,16 @@ import torch.nn.functional as F
 
 from ..errors import PuzzleError
 from ..utils import atomic_write_json, atomic_write_text
+from .data import TASK_DIR, EvalData, resolve_eval_data
 
 log = logging.getLogger(__name__)
-TASK_DIR = Path(__file__).parent / "tasks"
 
 
 @torch.no_grad()
-def wikitext_perplexity(model, tokenizer, path: Path, context: int = 512, max_tokens: int | None = None,
+def wikitext_perplexity(model, tokenizer, text: str, context: int = 512, max_tokens: int | None = None,
                         batch_size: int = 8) -> dict:
-    if not path.is_file():
-        raise PuzzleError(f"WikiText-2 test file {path} not found (set eval.task_data_dir)")
-    ids = tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    """`text`: the whole WikiText-2 raw test file (EvalData.wikitext_text())."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     device = next(model.parameters()).device
@@ -101,31 +102,62 @@ def write_task_configs(data_dir: Path, out_dir: Path, tasks: list[str]) -> list[
     return names
 
 
-def lm_eval_accuracy(model, tokenizer, data_dir: Path, tasks: list[str], work: Path, limit: int | None,
+def lm_eval_accuracy(model, tokenizer, data: EvalData, tasks: list[str], work: Path, limit: int | None,
                      batch_size: int = 8) -> dict:
-    """Zero-shot accuracies from lm-evaluation-harness, the model passed as a loaded object."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Zero-shot scores from lm-evaluation-harness, the model passed as a loaded object:
+    task -> {metric: value, metric_stderr: its standard error, "n": items scored}."""
+    local = [t for t in tasks if data.has_local(t)]
+    if local and len(local) == len(tasks):
+        # everything is local: keep `datasets` from asking the hub about the json builder (slow or
+        # hanging without network); set only here, so a hub task still reaches the hub
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise PuzzleError("lm-eval is not installed: pip install -e '.[eval]'") from None
-    missing = [t for t in tasks if not (data_dir / t).exists()]
-    if missing:
-        raise PuzzleError(f"eval data for {missing} not found under {data_dir} (set eval.task_data_dir)")
-    names = write_task_configs(data_dir, work / "tasks", tasks)
+    names = dict(zip(local, write_task_configs(data.local, work / "tasks", local))) if local else {}
+    names.update({t: t for t in tasks if t not in names})
+    # lm-eval's own task index takes ~10 s to build: only when a task needs it
+    manager = TaskManager(include_path=str(work / "tasks") if local else None, include_defaults=len(local) < len(tasks))
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=0, limit=limit,
-                                      task_manager=TaskManager(include_path=str(work / "tasks")),
-                                      log_samples=False, bootstrap_iters=0, verbosity="ERROR")
-    out = {}
-    for task, name in zip(tasks, names):
-        r = results["results"][name]
-        out[task] = {k.split(",")[0]: v for k, v in r.items() if k.split(",")[0] in ("acc", "acc_norm", "perplexity")
-                     and isinstance(v, (int, float))}
+    # bootstrap_iters=0: lm-eval's bootstrap of perplexity takes minutes; the standard errors are
+    # computed from the logged per-item scores instead (task_scores)
+    results = lm_eval.simple_evaluate(model=lm, tasks=[names[t] for t in tasks], num_fewshot=0, limit=limit,
+                                      task_manager=manager, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+    return {task: task_scores(results, names[task]) for task in tasks}
+
+
+def _leaf_tasks(results: dict, name: str) -> list[str]:
+    subtasks = results.get("group_subtasks", {}).get(name)
+    if not subtasks:
+        return [name]
+    return [leaf for sub in subtasks for leaf in _leaf_tasks(results, sub)]
+
+
+def task_scores(results: dict, name: str) -> dict:
+    """One task's (or group's) metrics from lm-eval's results, each 0/1-per-item metric with its
+    standard error: the sample standard deviation of the per-item scores over sqrt(n), which is what
+    lm-eval reports as acc_stderr. Attached only where the mean of the per-item scores is the value
+    lm-eval reports (so never to perplexity, and a group's is over all its items)."""
+    samples = [s for leaf in _leaf_tasks(results, name) for s in results.get("samples", {}).get(leaf, [])]
+    out: dict = {}
+    for key, value in results["results"][name].items():
+        metric, _, filt = key.partition(",")
+        if metric.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        label = metric if filt in ("", "none") else f"{metric} ({filt})"
+        out[label] = float(value)
+        scores = [s[metric] for s in samples if s.get("filter", "none") == (filt or "none") and metric in s]
+        if len(scores) > 1 and all(x in (0, 1) for x in scores) and abs(sum(scores) / len(scores) - value) < 1e-9:
+            p, n = sum(scores) / len(scores), len(scores)
+            out[f"{label}_stderr"] = (p * (1 - p) / (n - 1)) ** 0.5  # = sample sd / sqrt(n) for 0/1 scores
+            out["n"] = n
+    if "n" not in out:
+        out["n"] = len({(s.get("doc_id"), s.get("doc_hash")) for s in samples})
     return out
 
 
@@ -136,23 +168,28 @@ def evaluate_models(models: dict, parent_name: str, tokenizer, cfg, val_ids: tor
     if tokenizer is None:
         raise PuzzleError("evaluation needs a tokenizer; the parent checkpoint has none")
     e = cfg.eval
-    data_dir = Path(e.task_data_dir)
+    data = resolve_eval_data(e)
+    tasks = [] if skip_lm_eval else e.tasks
+    problem = data.problem(tasks)  # the command checked this at its start; the data may have moved since
+    if problem:
+        raise PuzzleError(problem)
+    wikitext = data.wikitext_text()
     parent = models[parent_name]
     results: dict[str, dict] = {}
     for name, model in models.items():
         log.info("evaluating %s", name)
         r: dict = {"params": sum(p.numel() for p in model.parameters())}
-        r["wikitext2"] = wikitext_perplexity(model, tokenizer, data_dir / "wikitext-2-raw" / "wiki.test.raw",
-                                             e.ppl_context, e.ppl_max_tokens, e.batch_size)
+        r["wikitext2"] = wikitext_perplexity(model, tokenizer, wikitext, e.ppl_context, e.ppl_max_tokens, e.batch_size)
         r.update(kl_and_agreement(model, parent, val_ids[: e.kl_sequences], e.batch_size))
-        if not skip_lm_eval and e.tasks:
-            r["tasks"] = lm_eval_accuracy(model, tokenizer, data_dir, e.tasks, out_dir, e.limit, e.batch_size)
+        if tasks:
+            r["tasks"] = lm_eval_accuracy(model, tokenizer, data, tasks, out_dir, e.limit, e.batch_size)
         results[name] = r
     speed, scenario = measure_speed(models, parent_name, cfg, paths)
     for name in results:
         results[name]["speed"] = speed[name]
     report = {"scenario": scenario.__dict__, "engine": cfg.target.engine, "reference": parent_name,
-              "limit_per_task": e.limit, "ppl_max_tokens": e.ppl_max_tokens, "models": results}
+              "limit_per_task": e.limit, "ppl_max_tokens": e.ppl_max_tokens, "eval_data": data.source,
+              "models": results}
     atomic_write_json(out_dir / "results.json", report)
     atomic_write_text(out_dir / "results.md", format_results(report))
     return report
@@ -188,16 +225,32 @@ def measure_speed(models: dict, parent_name: str, cfg, paths: dict | None = None
     return out, scenario
 
 
+def primary_metric(scores: dict) -> str | None:
+    """The metric a task's column shows: acc when it has one, else its first score."""
+    metrics = [k for k in scores if k != "n" and not k.endswith("_stderr")]
+    return "acc" if "acc" in metrics else (metrics[0] if metrics else None)
+
+
+def format_score(scores: dict, metric: str | None) -> str:
+    """'0.412 ± 0.022': the value and its standard error (lm-eval's), or 'n/a'."""
+    if metric is None or metric not in scores:
+        return "n/a"
+    se = scores.get(f"{metric}_stderr")
+    return f"{scores[metric]:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
 def format_results(report: dict) -> str:
     models = report["models"]
     tasks = sorted({t for r in models.values() for t in r.get("tasks", {})})
-    head = ["model", "params (M)", "wikitext2 ppl", "KL", "agree"] + [f"{t} acc" for t in tasks] + [
+    shown = {t: next((primary_metric(r["tasks"][t]) for r in models.values() if t in r.get("tasks", {})), None)
+             for t in tasks}
+    head = ["model", "params (M)", "wikitext2 ppl", "KL", "agree"] + [f"{t} {shown[t]}" for t in tasks] + [
         "prefill x", "decode x", "total x"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for name, r in models.items():
         row = [name, f"{r.get('params', 0) / 1e6:.1f}", f"{r['wikitext2']['perplexity']:.2f}", f"{r['kl']:.4f}",
                f"{r['agreement']:.3f}"]
-        row += [f"{r.get('tasks', {}).get(t, {}).get('acc', float('nan')):.3f}" for t in tasks]
+        row += [format_score(r.get("tasks", {}).get(t, {}), shown[t]) for t in tasks]
         s = r["speed"]
         total = f"{s['total_speedup']:.2f}"
         if "spread" in s and name != report["reference"]:
@@ -207,10 +260,14 @@ def format_results(report: dict) -> str:
     sc = report["scenario"]
     lines.append("")
     rounds = next(iter(models.values()))["speed"].get("rounds", {})
+    counts = {t: next(r["tasks"][t].get("n") for r in models.values() if t in r.get("tasks", {})) for t in tasks}
+    items = ", ".join(f"{t} {n}" for t, n in counts.items() if n is not None)
+    lm_eval = (f" lm-eval: zero-shot, items per task: {items} (limit {report['limit_per_task'] or 'none'}); "
+               "± = standard error of the mean over items." if tasks else "")
     lines.append(f"Speed in {report.get('engine', 'torch')}: batch {sc['batch_size']}, prompt {sc['prompt_len']}, "
                  f"{sc['generate_len']} generated tokens; x = speed-up over {report['reference']}, models timed in "
                  f"turns in the same run, median of {len(rounds.get('total_s', [])) or 'the'} per-round ratios "
-                 f"(min-max in brackets). lm-eval: zero-shot, "
-                 f"{report['limit_per_task'] or 'all'} examples per task. Perplexity over "
-                 f"{next(iter(models.values()))['wikitext2']['tokens']} WikiText-2 test tokens.")
+                 f"(min-max in brackets).{lm_eval} Perplexity over "
+                 f"{next(iter(models.values()))['wikitext2']['tokens']} WikiText-2 test tokens"
+                 f"{' from ' + report['eval_data'] if report.get('eval_data') else ''}.")
     return "\n".join(lines) + "\n"
