@@ -1,11 +1,17 @@
 """The mixed-integer program: one (attention, FFN) pair per layer, least damage within budgets.
 
-Built in the order data -> variables -> constraints -> objective, solved by HiGHS through
-scipy.optimize.milp. Variables z[l, p] are binary: layer l uses pair p. Constraints:
+Built in the order data -> variables -> constraints -> objective, solved by HiGHS (highspy, or the
+same bindings scipy ships). Variables z[l, p] are binary: layer l uses pair p. Constraints:
   exactly one pair per layer                      sum_p z[l, p] = 1
   resources (any of memory, time, latency, params) sum_{l,p} cost_r[l, p] z[l, p] <= budget_r - fixed_r
   diversity with each earlier solution s          sum_l z[l, s_l] <= floor((1 - diversity) * L)
 Objective: minimize sum_{l,p} damage[l, p] z[l, p].
+
+Speed (a Llama-405B-sized space: 126 layers x 144 pairs, 10 diverse solutions, well under 2 s):
+the LP relaxation lives in one HiGHS instance for all solutions (each new one adds a row and
+changes bounds, so dual simplex restarts from the last basis); dominance between pairs is
+computed once; the MIPs HiGHS sees are small (the layers the LP left fractional) or start from
+an incumbent with reduced-cost fixing.
 """
 
 from __future__ import annotations
@@ -15,8 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, linprog, milp
-from scipy.sparse import coo_matrix, csr_matrix, vstack
+from scipy.sparse import coo_matrix
 
 from ..errors import PuzzleError
 
@@ -58,138 +63,237 @@ class Infeasible(PuzzleError):
     pass
 
 
-def _flat(problem: Problem):
-    offsets, n = [], 0
-    for opts in problem.options:
-        offsets.append(n)
-        n += len(opts)
-    return offsets, n
+def _highs():
+    """(module, Highs class): highspy when installed, else the same bindings scipy >= 1.15 ships."""
+    try:
+        import highspy
+
+        return highspy, highspy.Highs
+    except ImportError:
+        pass
+    try:
+        from scipy.optimize._highspy import _core
+    except ImportError:
+        raise PuzzleError("the search needs HiGHS's Python bindings: pip install highspy (or scipy>=1.15)") from None
+    return _core, _core._Highs
 
 
-def _constraint_matrix(problem: Problem, budgets: dict[str, float], earlier: list[list[int | None]],
-                       diversity: float):
-    """Rows: one-pair-per-layer (equalities first), then resources, then diversity (upper bounds)."""
-    offsets, n = _flat(problem)
-    L = problem.num_layers
-    rows, cols, vals, lb, ub = [], [], [], [], []
-    row = 0
-    for layer, opts in enumerate(problem.options):  # exactly one pair per layer
-        for p in range(len(opts)):
-            rows.append(row)
-            cols.append(offsets[layer] + p)
-            vals.append(1.0)
-        lb.append(1.0)
-        ub.append(1.0)
-        row += 1
-    for name, budget in budgets.items():
-        cost = problem.costs[name]
-        for layer, opts in enumerate(problem.options):
-            for p in range(len(opts)):
-                rows.append(row)
-                cols.append(offsets[layer] + p)
-                vals.append(cost[layer][p])
-        lb.append(-np.inf)
-        ub.append(budget - problem.fixed.get(name, 0.0))
-        row += 1
-    max_same = math.floor((1 - diversity) * L + 1e-9)
-    for sol in earlier:  # None: that layer's earlier pair was pruned, so no child can repeat it
-        for layer, p in enumerate(sol):
-            if p is None:
-                continue
-            rows.append(row)
-            cols.append(offsets[layer] + p)
-            vals.append(1.0)
-        lb.append(-np.inf)
-        ub.append(max_same)
-        row += 1
-    a = coo_matrix((vals, (rows, cols)), shape=(row, n)).tocsr()
-    return a, np.array(lb), np.array(ub), offsets
+class _Flat:
+    """The problem as flat arrays over all (layer, pair) columns."""
+
+    def __init__(self, problem: Problem, budgets: dict[str, float]):
+        sizes = np.array([len(o) for o in problem.options])
+        self.L = problem.num_layers
+        self.start = np.concatenate([[0], np.cumsum(sizes)])  # layer l owns columns start[l]:start[l+1]
+        self.n = int(self.start[-1])
+        self.layer = np.repeat(np.arange(self.L), sizes)
+        self.cost = {r: np.concatenate([np.asarray(c, dtype=float) for c in problem.costs[r]]) for r in budgets}
+        self.cap = {r: budgets[r] - problem.fixed.get(r, 0.0) for r in budgets}
+        # dominators[l][p, q]: pair p of layer l beats or ties q on damage and every constrained resource,
+        # and comes first among equals. Computed once, for all layers of one size together: each solve
+        # only changes which p may remove q.
+        self.dominators: list[np.ndarray] = [None] * self.L  # type: ignore[list-item]
+        for size in np.unique(sizes):
+            layers = np.flatnonzero(sizes == size)
+            vec = np.stack([np.column_stack([np.asarray(problem.damage[layer], dtype=float),
+                                             *(np.asarray(problem.costs[r][layer], dtype=float) for r in budgets)])
+                            for layer in layers])  # (layers, pairs, 1 + resources)
+            rank = np.empty(vec.shape[:2], dtype=int)
+            for i in range(len(layers)):
+                rank[i, np.lexsort(vec[i].T[::-1])] = np.arange(size)
+            dom = np.all(vec[:, :, None, :] <= vec[:, None, :, :], axis=-1) & (rank[:, :, None] < rank[:, None, :])
+            for i, layer in enumerate(layers):
+                self.dominators[layer] = dom[i]
+        self.n_dominators = [d.sum(axis=0) for d in self.dominators]
+
+    def allowed(self, taken: list[set[int]]) -> np.ndarray:
+        """Columns that survive dominance pruning (see prune_dominated): q goes iff a dominator of q
+        that no earlier solution chose in that layer exists."""
+        keep = np.empty(self.n, dtype=bool)
+        for layer in range(self.L):
+            left = self.n_dominators[layer]
+            if taken[layer]:
+                left = left - self.dominators[layer][sorted(taken[layer])].sum(axis=0)
+            keep[self.start[layer] : self.start[layer + 1]] = left == 0
+        return keep
 
 
-def _milp(objective, a, lb, ub, upper, time_limit, mip_gap):
-    return milp(
-        c=objective,
-        constraints=LinearConstraint(a, lb, ub),
-        integrality=np.ones(len(objective)),
-        bounds=Bounds(0, upper),
-        options={"time_limit": time_limit, "disp": False, "mip_rel_gap": mip_gap},
-    )
+def _new_highs(time_limit: float):
+    hs, Highs = _highs()
+    h = Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(max(time_limit, 1e-3)))
+    return hs, h
 
 
-def _solve_once(problem: Problem, objective: np.ndarray, budgets: dict[str, float], earlier: list[list[int | None]],
-                diversity: float, time_limit: float, mip_gap: float = MIP_GAP):
-    """One MIP solve, returning (x or None, status, offsets).
-
-    HiGHS alone spends most of its time on the diverse solutions finding a good incumbent (its root
-    sub-MIP heuristic), while the LP bound is already within 0.01 % of the optimum: near-tied damages
-    leave many almost-equal children. So we hand it the easy part first:
-      1. solve the LP relaxation (a bound, a guide and reduced costs);
-      2. keep every layer the LP chose integrally, and solve the small MIP over the layers it left
-         fractional (a relaxation-induced neighbourhood, usually a handful of layers);
-      3. if that incumbent is within `mip_gap` of the LP bound it is optimal to the same tolerance
-         HiGHS itself uses, and we stop;
-      4. otherwise HiGHS searches only for a child better than the incumbent by more than the
-         tolerance (an objective cutoff row), in a model shrunk by reduced-cost fixing (exact: a pair
-         whose reduced cost exceeds cutoff - bound cannot be in such a child). Proving that none
-         exists is usually quick, because HiGHS's root cuts close the small remaining gap.
-    """
-    a, lb, ub, offsets = _constraint_matrix(problem, budgets, earlier, diversity)
-    n = len(objective)
-    n_eq = problem.num_layers
-    start = time.perf_counter()
-    lp = linprog(objective, A_ub=a[n_eq:] if a.shape[0] > n_eq else None, b_ub=ub[n_eq:] if a.shape[0] > n_eq else None,
-                 A_eq=a[:n_eq], b_eq=lb[:n_eq], bounds=(0, 1), method="highs",
-                 options={"time_limit": time_limit})
-    if lp.status == 2:  # the relaxation is infeasible, so is the MIP
-        return None, "infeasible", offsets
-    if lp.status != 0:  # no usable relaxation (time limit): plain HiGHS
-        result = _milp(objective, a, lb, ub, np.ones(n), time_limit, mip_gap)
-        return result.x, _status(result), offsets
-
-    x_lp, bound = lp.x, lp.fun
-    incumbent, best = None, np.inf
-    upper = np.ones(n)
-    for layer, opts in enumerate(problem.options):
-        seg = x_lp[offsets[layer] : offsets[layer] + len(opts)]
-        if seg.max() > 1 - 1e-7:  # integral in the LP: keep its choice for the neighbourhood
-            upper[offsets[layer] : offsets[layer] + len(opts)] = 0
-            upper[offsets[layer] + int(seg.argmax())] = 1
-    remaining = max(time_limit - (time.perf_counter() - start), 1e-3)
-    local = _milp(objective, a, lb, ub, upper, remaining, mip_gap)
-    if local.x is not None:
-        incumbent, best = local.x, float(objective @ local.x)
-        if best - bound <= mip_gap * max(abs(best), 1e-12):
-            return incumbent, "optimal", offsets
-
-    upper = np.ones(n)
-    if incumbent is not None:
-        # Only a child better than the incumbent by more than the tolerance is worth finding: say so
-        # with an objective cutoff row, and drop every pair whose reduced cost rules it out (exact).
-        cutoff = best - mip_gap * abs(best)
-        upper[lp.lower.marginals > cutoff - bound + 1e-9] = 0
-        a = vstack([a, csr_matrix(objective[None, :])]).tocsr()
-        lb, ub = np.append(lb, -np.inf), np.append(ub, cutoff)
-    remaining = max(time_limit - (time.perf_counter() - start), 1e-3)
-    result = _milp(objective, a, lb, ub, upper, remaining, mip_gap)
-    if result.x is not None:
-        return result.x, _status(result), offsets
-    if incumbent is not None and result.status == 2:
-        return incumbent, "optimal", offsets  # nothing beats the incumbent by more than the tolerance
-    if incumbent is not None:
-        return incumbent, "time_limit", offsets
-    return None, _status(result), offsets
+def _pass_model(hs, h, cost, upper, a, lower_rows, upper_rows, integer: bool, offset: float = 0.0) -> None:
+    a = a.tocsc()
+    lp = hs.HighsLp()
+    lp.num_col_, lp.num_row_ = a.shape[1], a.shape[0]
+    lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = a.shape[1], a.shape[0]
+    lp.a_matrix_.format_ = hs.MatrixFormat.kColwise
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
+    lp.col_cost_ = np.asarray(cost, dtype=float)
+    lp.offset_ = float(offset)
+    lp.col_lower_, lp.col_upper_ = np.zeros(a.shape[1]), np.asarray(upper, dtype=float)
+    lp.row_lower_, lp.row_upper_ = np.asarray(lower_rows, dtype=float), np.asarray(upper_rows, dtype=float)
+    if integer:
+        lp.integrality_ = [hs.HighsVarType.kInteger] * a.shape[1]
+    h.passModel(lp)
 
 
-def _status(result) -> str:
-    return "optimal" if result.status == 0 else ("infeasible" if result.status == 2 else "time_limit")
+def _base_rows(flat: _Flat, cols: np.ndarray):
+    """Rows over the columns `cols`: one per layer they touch (= 1), then one per resource (<= cap).
+    Returns (row, col, value) triplets, row bounds, and the layers in row order."""
+    layers, row_of = np.unique(flat.layer[cols], return_inverse=True)
+    k = np.arange(len(cols))
+    rows, vals = [row_of], [np.ones(len(cols))]
+    for i, r in enumerate(flat.cap):
+        rows.append(np.full(len(cols), len(layers) + i))
+        vals.append(flat.cost[r][cols])
+    lo = [1.0] * len(layers) + [-np.inf] * len(flat.cap)
+    hi = [1.0] * len(layers) + list(flat.cap.values())
+    return [np.concatenate(rows), np.concatenate([k] * (1 + len(flat.cap))), np.concatenate(vals)], lo, hi, layers
 
 
-def _decode(problem: Problem, x: np.ndarray, offsets) -> list[int]:
-    choice = []
-    for layer, opts in enumerate(problem.options):
-        seg = x[offsets[layer] : offsets[layer] + len(opts)]
-        choice.append(int(np.argmax(seg)))
-    return choice
+class _Relaxation:
+    """The LP relaxation, kept in one HiGHS instance for every solution of a run: a new solution
+    adds one diversity row and changes column bounds, and dual simplex restarts from the last basis
+    (hot start) instead of from scratch."""
+
+    def __init__(self, flat: _Flat, objective: np.ndarray):
+        self.flat = flat
+        (r, c, v), lo, hi, _ = _base_rows(flat, np.arange(flat.n))
+        a = coo_matrix((v, (r, c)), shape=(len(lo), flat.n))
+        self.hs, self.h = _new_highs(60.0)
+        _pass_model(self.hs, self.h, objective, np.ones(flat.n), a, lo, hi, integer=False)
+        self.index = np.arange(flat.n, dtype=np.int32)
+
+    def add_diversity_row(self, cols: np.ndarray, max_same: float) -> None:
+        self.h.addRow(-np.inf, float(max_same), len(cols), cols.astype(np.int32), np.ones(len(cols)))
+
+    def solve(self, upper: np.ndarray, time_limit: float):
+        """(x, objective, reduced costs), or a status string when there is no usable optimum."""
+        h = self.h
+        h.changeColsBounds(self.flat.n, self.index, np.zeros(self.flat.n), upper.astype(float))
+        h.setOptionValue("time_limit", float(h.getRunTime() + max(time_limit, 1e-3)))  # HiGHS's clock adds up over runs
+        h.run()
+        status = h.getModelStatus()
+        if status == self.hs.HighsModelStatus.kOptimal:
+            sol = h.getSolution()
+            return np.array(sol.col_value), h.getInfo().objective_function_value, np.array(sol.col_dual)
+        return "infeasible" if status == self.hs.HighsModelStatus.kInfeasible else "time_limit"
+
+
+def _mip(flat: _Flat, objective: np.ndarray, cols: np.ndarray, fixed: np.ndarray, earlier: list[np.ndarray],
+         max_same: int, time_limit: float, mip_gap: float, incumbent: np.ndarray | None = None):
+    """The MIP over the columns `cols` (their layers free) with the columns `fixed` chosen in every
+    other layer. Returns (chosen columns or None, status)."""
+    if len(np.unique(flat.layer[cols])) + len(fixed) != flat.L:
+        return None, "infeasible"  # a free layer with no column left
+    (r, c, v), lo, hi, _ = _base_rows(flat, cols)
+    n_base = len(lo)
+    for i, res in enumerate(flat.cap):  # the fixed layers' share of each budget
+        hi[n_base - len(flat.cap) + i] -= float(flat.cost[res][fixed].sum())
+    rows, ks = [r], [c]
+    for e in earlier:  # diversity: the fixed layers that repeat e count against the limit already
+        same = np.flatnonzero(np.isin(cols, e))
+        rows.append(np.full(len(same), len(lo)))
+        ks.append(same)
+        lo.append(-np.inf)
+        hi.append(max_same - float(np.isin(fixed, e).sum()))
+    vals = np.concatenate([v, np.ones(sum(len(k) for k in ks[1:]))])
+    a = coo_matrix((vals, (np.concatenate(rows), np.concatenate(ks))), shape=(len(lo), len(cols)))
+    hs, h = _new_highs(time_limit)
+    h.setOptionValue("mip_rel_gap", float(mip_gap))
+    # the fixed layers' damage as the objective's offset: HiGHS's relative gap is then relative to the
+    # whole child's damage, not to the few free layers' share (a far stricter, slower target)
+    _pass_model(hs, h, objective[cols], np.ones(len(cols)), a, lo, hi, integer=True, offset=objective[fixed].sum())
+    if incumbent is not None:  # a known feasible child: HiGHS only has to beat it or prove it within the gap
+        start = np.isin(cols, incumbent).astype(float)
+        sol = hs.HighsSolution()
+        sol.col_value = start
+        sol.value_valid = True
+        h.setSolution(sol)
+    h.run()
+    status = h.getModelStatus()
+    if status == hs.HighsModelStatus.kInfeasible:
+        return None, "infeasible"
+    if h.getInfo().primal_solution_status != 2:  # 2 = feasible: no child found in time
+        return None, "time_limit"
+    chosen = cols[np.array(h.getSolution().col_value) > 0.5]
+    return np.sort(np.concatenate([chosen, fixed])), "optimal" if status == hs.HighsModelStatus.kOptimal else "time_limit"
+
+
+class _Search:
+    """One objective and set of budgets, solved repeatedly for diverse solutions."""
+
+    def __init__(self, problem: Problem, objective: np.ndarray, budgets: dict[str, float]):
+        self.flat = _Flat(problem, budgets)
+        self.objective = objective
+        self.relaxation = _Relaxation(self.flat, objective)
+        self.earlier: list[np.ndarray] = []
+
+    def add_earlier(self, cols: np.ndarray, max_same: int) -> None:
+        self.earlier.append(cols)
+        self.relaxation.add_diversity_row(cols, max_same)
+
+    def solve(self, allowed: np.ndarray, max_same: int, time_limit: float, mip_gap: float):
+        """(chosen columns or None, status).
+
+        HiGHS alone spends most of its time on the diverse solutions finding a good incumbent, while
+        the LP bound is already within 0.01 % of the optimum: near-tied damages leave many
+        almost-equal children. So we hand it the easy part first:
+          1. solve the LP relaxation (a bound, a guide and reduced costs);
+          2. keep every layer the LP chose integrally, and solve the small MIP over the layers it left
+             fractional (a relaxation-induced neighbourhood, usually a handful of layers), first with
+             only their pairs of small reduced cost;
+          3. if that incumbent is within `mip_gap` of the LP bound it is optimal to the same tolerance
+             HiGHS itself uses, and we stop;
+          4. otherwise HiGHS gets the whole model with that incumbent, shrunk by reduced-cost fixing
+             (exact: a pair whose reduced cost exceeds incumbent - gap - bound cannot be in a child
+             that beats the incumbent by more than the tolerance).
+        """
+        flat, obj = self.flat, self.objective
+        start = time.perf_counter()
+        left = lambda: max(time_limit - (time.perf_counter() - start), 1e-3)  # noqa: E731
+        lp = self.relaxation.solve(allowed, time_limit)
+        if lp == "infeasible":  # the relaxation is infeasible, so is the MIP
+            return None, "infeasible"
+        if isinstance(lp, str):  # no usable relaxation in time: HiGHS on the whole model
+            return _mip(flat, obj, np.flatnonzero(allowed), np.empty(0, int), self.earlier, max_same, left(), mip_gap)
+        x, bound, reduced = lp
+        integral = np.zeros(flat.n, dtype=bool)
+        integral[x > 1 - 1e-7] = True
+        fixed_layers = np.zeros(flat.L, dtype=bool)
+        fixed_layers[flat.layer[integral]] = True
+        fixed = np.flatnonzero(integral & fixed_layers[flat.layer])
+        incumbent = fixed if len(fixed) == flat.L else None
+        # the neighbourhood's pairs: first only those whose reduced cost is within the tolerance (a
+        # near-optimal child rarely uses others; tens of columns instead of hundreds), then all
+        for limit in (mip_gap * max(abs(bound), 1e-12), np.inf):
+            if incumbent is not None:
+                break
+            free = np.flatnonzero(allowed & ~fixed_layers[flat.layer] & (reduced <= limit + 1e-7))
+            incumbent, _ = _mip(flat, obj, free, fixed, self.earlier, max_same, left(), mip_gap)
+        if incumbent is not None:
+            best = float(obj[incumbent].sum())
+            if best - bound <= mip_gap * max(abs(best), 1e-12):
+                return incumbent, "optimal"
+            cutoff = best - mip_gap * abs(best)
+            keep = allowed & (reduced <= cutoff - bound + 1e-7)
+            keep[incumbent] = True
+        else:
+            keep = allowed
+        found, status = _mip(flat, obj, np.flatnonzero(keep), np.empty(0, int), self.earlier, max_same, left(), mip_gap,
+                             incumbent)
+        if found is None and incumbent is not None:
+            return incumbent, "time_limit" if status == "time_limit" else "optimal"
+        return found, status
+
+
+def _choice(flat: _Flat, cols: np.ndarray) -> list[int]:
+    return (cols[np.argsort(flat.layer[cols])] - flat.start[:-1]).tolist()
 
 
 def evaluate(problem: Problem, choice: list[int]) -> tuple[float, dict[str, float]]:
@@ -203,10 +307,11 @@ def evaluate(problem: Problem, choice: list[int]) -> tuple[float, dict[str, floa
 
 def _cheapest(problem: Problem, resource: str, other_budgets: dict[str, float], time_limit: float) -> float | None:
     obj = np.concatenate([np.asarray(c, dtype=float) for c in problem.costs[resource]])
-    x, _, offsets = _solve_once(problem, obj, other_budgets, [], 0.0, time_limit)
-    if x is None:
+    search = _Search(problem, obj, other_budgets)
+    cols, _ = search.solve(np.ones(search.flat.n, dtype=bool), problem.num_layers, time_limit, MIP_GAP)
+    if cols is None:
         return None
-    return evaluate(problem, _decode(problem, x, offsets))[1][resource]
+    return evaluate(problem, _choice(search.flat, cols))[1][resource]
 
 
 def prune_dominated(problem: Problem, taken: list[set[int]] | None = None) -> tuple[Problem, list[list[int]]]:
@@ -216,22 +321,12 @@ def prune_dominated(problem: Problem, taken: list[set[int]] | None = None) -> tu
     Exactness: swapping a dominated pair q for its dominator p never makes a child worse or break a
     budget, and it cannot break the diversity rule either unless p is what an earlier solution chose
     in that layer (`taken[l]`): so only a dominator outside `taken[l]` may remove q. Returns the
-    reduced problem and, per layer, the original index of each kept pair.
+    reduced problem and, per layer, the original index of each kept pair. (solve() applies the same
+    rule as column bounds, with the dominance relation computed once.)
     """
-    names = list(problem.budgets)
-    kept_all = []
-    for layer in range(problem.num_layers):
-        vec = np.column_stack([np.asarray(problem.damage[layer], dtype=float),
-                               *(np.asarray(problem.costs[r][layer], dtype=float) for r in names)])
-        rank = np.empty(len(vec), dtype=int)
-        rank[np.lexsort(vec.T[::-1])] = np.arange(len(vec))  # ties: only the first of equals may remove the rest
-        allowed = np.ones(len(vec), dtype=bool)
-        allowed[list(taken[layer] if taken else ())] = False
-        # q goes iff an allowed p, earlier in that order, is <= q everywhere. The greedy "kept
-        # dominators only" rule removes the same pairs, because dominance is transitive.
-        dominates = np.all(vec[:, None, :] <= vec[None, :, :], axis=-1) & (rank[:, None] < rank[None, :]) & allowed[:, None]
-        kept = np.flatnonzero(~dominates.any(axis=0)).tolist()
-        kept_all.append(kept)  # flatnonzero: already in index order
+    flat = _Flat(problem, problem.budgets)
+    keep = flat.allowed(taken or [set() for _ in range(problem.num_layers)])
+    kept_all = [np.flatnonzero(keep[flat.start[layer] : flat.start[layer + 1]]).tolist() for layer in range(flat.L)]
     reduced = Problem(
         [[problem.options[layer][p] for p in kept] for layer, kept in enumerate(kept_all)],
         [[problem.damage[layer][p] for p in kept] for layer, kept in enumerate(kept_all)],
@@ -249,30 +344,32 @@ def solve(problem: Problem, solutions: int = 1, diversity: float = 0.2, time_lim
     Each is the least-damage child (within `mip_gap`) among those that meet every budget and differ
     enough from the earlier ones. Raises Infeasible (one line: which budget, and the cheapest
     reachable value under the others) when not even the first exists. `describe(resource, value)`
-    formats a resource for messages. Dominated pairs are removed before each solve (see
-    prune_dominated); choices index the original options.
+    formats a resource for messages. Dominated pairs are excluded before each solve (see
+    prune_dominated).
     """
     describe = describe or (lambda r, v: f"{r}={v:.4g}")
     for name in problem.budgets:
         if name not in problem.costs:
             raise PuzzleError(f"budget on unknown resource {name!r} (known: {', '.join(problem.costs)})")
+    objective = np.concatenate([np.asarray(d, dtype=float) for d in problem.damage])
+    search = _Search(problem, objective, problem.budgets)
+    max_same = math.floor((1 - diversity) * problem.num_layers + 1e-9)
+    taken: list[set[int]] = [set() for _ in range(problem.num_layers)]
     found: list[Solution] = []
     for _ in range(solutions):
         t = time.perf_counter()
-        taken = [{s.choice[layer] for s in found} for layer in range(problem.num_layers)]
-        reduced, kept = prune_dominated(problem, taken)
-        position = [{orig: i for i, orig in enumerate(k)} for k in kept]
-        earlier = [[position[layer].get(c) for layer, c in enumerate(s.choice)] for s in found]
-        objective = np.concatenate([np.asarray(d, dtype=float) for d in reduced.damage])
-        x, status, offsets = _solve_once(reduced, objective, reduced.budgets, earlier, diversity, time_limit, mip_gap)
-        if x is None:
+        cols, status = search.solve(search.flat.allowed(taken), max_same, time_limit, mip_gap)
+        if cols is None:
             if found:
                 break  # the diversity rule leaves no further solution: return what exists
-            raise Infeasible(_infeasibility_message(reduced, time_limit, describe))
-        choice = [kept[layer][p] for layer, p in enumerate(_decode(reduced, x, offsets))]
+            raise Infeasible(_infeasibility_message(problem, time_limit, describe))
+        choice = _choice(search.flat, cols)
         damage, resources = evaluate(problem, choice)
         pairs = [problem.options[layer][p] for layer, p in enumerate(choice)]
         found.append(Solution(status, damage, choice, pairs, resources, time.perf_counter() - t))
+        search.add_earlier(cols, max_same)
+        for layer, p in enumerate(choice):
+            taken[layer].add(p)
     return found
 
 
