@@ -12,6 +12,7 @@ Documents are joined with the tokenizer's EOS, cut into `seq_len` chunks, shuffl
 `data/tokens-<key>.safetensors`; the key covers the files' sizes and mtimes, the tokenizer and
 the data settings (when to re-tokenize). The data's fingerprint, which libraries and scores are
 keyed to, is a hash of the tokens themselves, so a copied or touched file keeps its library.
+Training sequences are read from that file by position, never loaded whole (see cache.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 
 from ..config import DataConfig
 from ..errors import PuzzleError
-from ..utils import atomic_save_safetensors, fingerprint
+from ..utils import fingerprint
+from .cache import TokenSequences, read_token_cache, write_token_cache
 
 log = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet")
@@ -33,8 +35,8 @@ TEXT_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet")
 
 @dataclass
 class TokenData:
-    train: torch.Tensor  # (N, seq_len) int64
-    val: torch.Tensor  # (M, seq_len) int64
+    train: TokenSequences | torch.Tensor  # (N, seq_len); indexing gives int64 rows, read from disk
+    val: torch.Tensor  # (M, seq_len) int64, in memory (data.val_sequences is small)
     fingerprint: str
     source: str
 
@@ -190,10 +192,8 @@ def prepare_data(cfg: DataConfig, tokenizer, workdir: Path, model=None, model_fi
     key = fingerprint(stamp, tok_id, cfg.model_dump())
     cache_file = Path(workdir) / "data" / f"tokens-{key}.safetensors"
     if cache_file.is_file():
-        from safetensors.torch import load_file
-
-        t = load_file(cache_file)
-        return TokenData(t["train"], t["val"], fingerprint(t["train"], t["val"]), source)
+        train, val, fp = read_token_cache(cache_file)
+        return TokenData(train, val, fp, source)
 
     wanted = cfg.max_train_sequences + cfg.val_sequences
     if cfg.path is None:
@@ -219,7 +219,8 @@ def prepare_data(cfg: DataConfig, tokenizer, workdir: Path, model=None, model_fi
     train, val = sequences[cfg.val_sequences :], sequences[: cfg.val_sequences]
     # The data's identity (what the library and scores are keyed to) is its content: the same text
     # copied elsewhere or touched keeps its libraries; file stamps only decide when to re-tokenize.
-    data = TokenData(train, val, fingerprint(train, val), source)
-    atomic_save_safetensors({"train": data.train, "val": data.val}, cache_file, {"source": source})
-    log.info("data: %d train + %d val sequences of %d tokens from %s", len(data.train), len(data.val), cfg.seq_len, source)
-    return data
+    fp = write_token_cache(cache_file, [train], len(train), cfg.seq_len, val, source, max_id=int(sequences.max()))
+    log.info("data: %d train + %d val sequences of %d tokens from %s", len(train), len(val), cfg.seq_len, source)
+    del sequences, train  # from here on the training set is read from the cache, as on every later run
+    train, val, _ = read_token_cache(cache_file)
+    return TokenData(train, val, fp, source)
