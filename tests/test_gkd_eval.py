@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -170,7 +171,13 @@ def test_smollm2_eval_parent_vs_itself_and_lm_eval(tmp_path):
     assert 5 < p["wikitext2"]["perplexity"] < 200 and p["wikitext2"]["tokens"] == 511
     assert set(p["tasks"]) == {"lambada_openai", "arc_challenge", "boolq", "openbookqa"}
     assert p["tasks"] == c["tasks"]
-    assert (tmp_path / "w" / "eval" / "results.md").read_text().count("|") > 10
+    for task, scores in p["tasks"].items():  # every accuracy with its standard error, over `limit` items
+        assert scores["n"] == 4 and math.isclose(scores["acc_stderr"], (scores["acc"] * (1 - scores["acc"]) / 3) ** 0.5), task
+    assert report["eval_data"].startswith("eval.task_data_dir=")
+    md = (tmp_path / "w" / "eval" / "results.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith(("| parent", "| copy"))]
+    assert len(rows) == 2 and all(row.count(" ± ") == 4 for row in rows), md  # one per task and model
+    assert "items per task: arc_challenge 4" in md
     # lm-eval's own `hf` model loads the checkpoint through trust_remote_code
     from lm_eval.models.huggingface import HFLM
 
