@@ -97,21 +97,6 @@ def _export_child_gguf(cfg, workdir):
     return export_gguf(child, out, cfg.target.gguf_type, tokenizer=tokenizer)
 
 
-def _init_distributed():
-    """Join the torchrun group when launched by torchrun (WORLD_SIZE > 1)."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
-
-
 def cmd_bld(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -121,10 +106,11 @@ def cmd_bld(args: argparse.Namespace) -> None:
     from .checkpoint.parent import prepare_parent
     from .config import save_config
     from .data import prepare_data
+    from .training import init_distributed
     from .utils import pick_device
 
     cfg = _load_cfg(args)
-    _init_distributed()
+    init_distributed()  # joins the torchrun group, if any
     rank = dist.get_rank() if dist.is_initialized() else 0
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -237,9 +223,10 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
     from . import gkd
     from .pipeline import load_context
+    from .training import init_distributed
 
     cfg = _load_cfg(args)
-    _init_distributed()
+    init_distributed()  # joins the torchrun group, if any
     workdir = Path(args.workdir)
     ctx = load_context(cfg, workdir)
     out = gkd.run(cfg, workdir, ctx.parent, ctx.data, ctx.tokenizer, progress=not args.quiet)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import PuzzleError
 
@@ -77,14 +77,42 @@ class CoupledPairConfig(Section):
     ffn: FFNChoice
 
 
-class BLDConfig(Section):
-    tokens: int = Field(131072, gt=0)
-    batch_size: int = Field(8, gt=0)
+class OptimConfig(Section):
+    """AdamW, linear warm-up over warmup_fraction of the steps, cosine decay to min_lr_fraction * lr,
+    gradient clipping (0: off). The one optimizer section: `bld.optim` and `gkd.optim`."""
+
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     min_lr_fraction: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0)
+
+
+class _TrainingSection(Section):
+    """A section with an `optim` sub-section; the keys that lived at its top level before
+    (`bld.lr`, `gkd.grad_clip`, ...) still load: they are moved into `optim`."""
+
+    optim_defaults: ClassVar[dict] = {}  # this stage's defaults where they differ from OptimConfig's
+
+    @model_validator(mode="before")
+    @classmethod
+    def _move_optim_keys(cls, raw):
+        if not isinstance(raw, dict) or not isinstance(raw.get("optim") or {}, dict):
+            return raw  # not a mapping: left for the field's own error
+        raw, optim = dict(raw), dict(raw.get("optim") or {})
+        for key in OptimConfig.model_fields:
+            if key in raw:
+                if key in optim:
+                    raise ValueError(f"{key} is set twice (old place and optim.{key}); keep optim.{key}")
+                optim[key] = raw.pop(key)
+        raw["optim"] = {**cls.optim_defaults, **optim}
+        return raw
+
+
+class BLDConfig(_TrainingSection):
+    tokens: int = Field(131072, gt=0)
+    batch_size: int = Field(8, gt=0)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     checkpoint_every: int = Field(50, gt=0)
     # coupled BLD: these (layer, attention, ffn) pairs are also trained as one unit that imitates
@@ -164,18 +192,19 @@ class SearchConfig(Section):
             raise ValueError(str(exc)) from None
 
 
-class GKDConfig(Section):
-    """Global distillation of the realized child against the frozen parent."""
+class GKDConfig(_TrainingSection):
+    """Global distillation of the realized child against the frozen parent. Under torchrun the
+    child is sharded with FSDP2; `teacher: shard` shards the parent too, `replicate` keeps a whole
+    copy per rank."""
 
     solution: int = Field(0, ge=0)  # which search solution to realize
     tokens: int = Field(262144, gt=0)
     batch_size: int = Field(8, gt=0)  # global: split across torchrun ranks
     grad_accum: int = Field(1, gt=0)
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_fraction: float = Field(0.05, ge=0, lt=1)
-    min_lr_fraction: float = Field(0.1, ge=0, le=1)
-    grad_clip: float = Field(1.0, ge=0)
+    optim_defaults: ClassVar[dict] = {"lr": 5e-5}
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-5))
+    activation_checkpointing: bool = False  # recompute each layer in backward: less memory, ~1/3 more compute
+    teacher: Literal["shard", "replicate"] = "shard"
     kl_weight: float = Field(1.0, ge=0)
     cosine_weight: float = Field(1.0, ge=0)
     lm_weight: float = Field(0.0, ge=0)

@@ -49,7 +49,8 @@ def tiny_workdir(tmp_path) -> tuple[Path, Path]:
     "raw, message",
     [
         ({"bld": {"lrr": 1}}, "bld.lrr: unknown key"),
-        ({"bld": {"lr": "fast"}}, "bld.lr: Input should be a valid number"),
+        ({"bld": {"optim": {"lr": "fast"}}}, "bld.optim.lr: Input should be a valid number"),
+        ({"bld": {"lr": "fast"}}, "bld.optim.lr: Input should be a valid number"),  # the key before `optim`
         ({"bld": {"tokens": -5}}, "bld.tokens: Input should be greater than 0"),
         ({"search_space": {"ffn": ["half"]}}, "search_space.ffn.0"),
         ({"sarch_space": {}}, "sarch_space: unknown key"),

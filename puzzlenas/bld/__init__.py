@@ -19,14 +19,12 @@ split across ranks (gloo on CPU, NCCL on GPU); each rank writes its own blocks, 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..config import PuzzleConfig
@@ -40,7 +38,18 @@ from ..library.space import (
     target_alternatives,
 )
 from ..library.store import Library
-from ..utils import atomic_torch_save, autocast_dtype, kill_point, load_training_state, warmup_cosine_lr
+from ..training import (
+    adamw,
+    autocast,
+    barrier,
+    batch_indices,
+    load_state,
+    lr_at,
+    optimizer_step,
+    rank_world,
+    save_state,
+)
+from ..utils import kill_point
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +57,6 @@ log = logging.getLogger(__name__)
 def nmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     pred, target = pred.float(), target.float()
     return (pred - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
-
-
-def lr_at(step: int, total: int, cfg) -> float:
-    return warmup_cosine_lr(step, total, cfg.lr, cfg.warmup_fraction, cfg.min_lr_fraction)
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
-    """Sequence indices of a step: epochs of seeded permutations, so any step can be recomputed."""
-    flat = torch.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = flat // n, flat % n
-    out = torch.empty_like(flat)
-    for epoch in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        sel = epochs == epoch
-        out[sel] = perm[offsets[sel]]
-    return out
 
 
 @torch.no_grad()
@@ -100,21 +93,10 @@ def unit_io(unit, a_in, a_out, f_in, f_out):
     return a_in, a_out + f_out
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def run(cfg: PuzzleConfig, workdir: str | Path, parent, data, parent_fingerprint: str, progress: bool = True) -> Library:
     """Train the library in `workdir/library`; returns it. Safe to call again after a kill."""
     workdir = Path(workdir)
-    rank, world = _dist_info()
+    rank, world = rank_world()
     device = next(parent.parameters()).device
     library = Library(workdir / "library", parent_fingerprint, data.fingerprint)
     alternatives = target_alternatives(cfg, parent.config)
@@ -129,16 +111,16 @@ def run(cfg: PuzzleConfig, workdir: str | Path, parent, data, parent_fingerprint
     if unsaved:
         log.info("saving %d blocks trained before the last run was killed", len(unsaved))
         _train(cfg, parent, data, library, unsaved, rank, world, device, progress)
-    _barrier()
+    barrier()
     todo = [a for a in problems if not library.is_done(a)]
     mine = todo[rank::world]
     if mine:
         _train(cfg, parent, data, library, mine, rank, world, device, progress)
-    _barrier()
+    barrier()
     if rank == 0:
         _record_untrained(library, alternatives, trainable, parent.config)
         library.write_index({"alternatives": [a.name for a in alternatives]})
-    _barrier()
+    barrier()
     return library
 
 
@@ -146,7 +128,7 @@ def _unsaved_of_finished_state(state_file: Path, problems: dict) -> list:
     """The alternatives of this rank's state file that finished training but have no saved block."""
     if not state_file.is_file():
         return []
-    state = load_training_state(state_file, map_location="cpu", mmap=True)  # mmap: reads only what is used
+    state = load_state(state_file, map_location="cpu", mmap=True)  # mmap: reads only what is used
     if state.get("step") != state.get("total_steps"):
         return []
     by_name = {a.name: a for a in problems}
@@ -177,7 +159,7 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
     blocks = {a: build_unit(parent.config, a).to(device) for a in mine}
     state = None
     if state_file.is_file():
-        state = load_training_state(state_file, map_location=device)
+        state = load_state(state_file, map_location=device)
         # a state holding more alternatives than are left (the others were saved) resumes those left:
         # every alternative trains on its own graph and optimizer, so a subset trains exactly alike
         if not set(names) <= set(state.get("names", [])) or state.get("total_steps") != total_steps:
@@ -187,23 +169,20 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
             state["names"] = names
     if state is None:
         state = _fresh_state(cfg, parent, data, blocks, names, total_steps, device)
-        atomic_torch_save(state, state_file)
+        save_state(state, state_file)
     else:
         log.info("resuming BLD from step %d/%d (%s)", state["step"], total_steps, state_file.name)
     for a in mine:
         blocks[a].load_state_dict(state["blocks"][a.name])
         blocks[a].train()
-    optimizers = {a: torch.optim.AdamW(blocks[a].parameters(), lr=bld.lr, weight_decay=bld.weight_decay) for a in mine}
+    optimizers = {a: adamw(blocks[a].parameters(), bld.optim) for a in mine}
     for a in mine:
         if a.name in state["optim"]:
             optimizers[a].load_state_dict(state["optim"][a.name])
     by_layer: dict[int, list[Alternative]] = {}
     for a in mine:
         by_layer.setdefault(a.layer, []).append(a)
-    amp = autocast_dtype(bld.dtype, device)
-    autocast = (
-        (lambda: torch.autocast(device_type=device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
-    )
+    amp = autocast(bld.dtype, device)
     tokens_per_step = bld.batch_size * seq_len
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"BLD rank {rank}" if world > 1 else "BLD",
                unit="step", disable=not progress, dynamic_ncols=True)
@@ -211,10 +190,10 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
     state["seconds_before"] = state.get("seconds", 0.0)
     while state["step"] < total_steps:
         step = state["step"]
-        lr = lr_at(step, total_steps, bld)
+        lr = lr_at(step, total_steps, bld.optim)
         ids = data.train[batch_indices(step, bld.batch_size, len(data.train), cfg.seed)].to(device)
         losses = []
-        with autocast():
+        with amp():
             stream = trace_parent(parent, ids, set(by_layer))
             for layer, a_in, a_out, f_in, f_out, pe in stream:
                 layer_loss = 0.0
@@ -225,13 +204,8 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
                     state["train_nmse"][alt.name] = loss.item()
                     losses.append(loss.item())
                 layer_loss.backward()  # frees this layer's graphs before the next layer runs
-        for alt in mine:
-            if bld.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(blocks[alt].parameters(), bld.grad_clip)
-            for group in optimizers[alt].param_groups:
-                group["lr"] = lr
-            optimizers[alt].step()
-            optimizers[alt].zero_grad(set_to_none=True)
+        for alt in mine:  # each alternative clips and steps on its own (decoupled BLD)
+            optimizer_step(optimizers[alt], blocks[alt].parameters(), lr, bld.optim.grad_clip)
         state["step"] += 1
         steps_done += 1
         elapsed = time.perf_counter() - t0
@@ -243,7 +217,7 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
         if state["step"] % bld.checkpoint_every == 0 or state["step"] == total_steps:
             state["blocks"] = {a.name: blocks[a].state_dict() for a in mine}
             state["optim"] = {a.name: optimizers[a].state_dict() for a in mine}
-            atomic_torch_save(state, state_file)
+            save_state(state, state_file)
     bar.close()
     for b in blocks.values():
         b.eval()

@@ -8,10 +8,16 @@ loss = kl_weight * KL(parent || child) over next-token distributions
      + lm_weight * next-token cross-entropy (off by default)
 (the Puzzle paper found KL + hidden-state cosine best; LM loss alone drifts from the parent).
 
-Token budget, AdamW, linear warm-up + cosine decay, gradient accumulation, bf16 autocast where
-supported, validation KL every `val_every` steps, atomic checkpoints every `checkpoint_every`
-steps (weights + optimizer + step) with automatic resume, and DDP under torchrun: the global
-batch is split across ranks, so N processes compute what one process with the same config does.
+Token budget, AdamW (`gkd.optim`), linear warm-up + cosine decay, gradient accumulation, bf16
+autocast where the device runs it natively, validation KL every `val_every` steps, checkpoints
+every `checkpoint_every` steps (weights + optimizer + step) with automatic resume, optional
+activation checkpointing. The plumbing is shared with BLD (`puzzlenas.training`).
+
+Under torchrun the child is sharded with FSDP2 (fully_shard per decoder layer + root; bf16 as
+its mixed-precision policy), the parent too (`gkd.teacher: shard`) or copied whole per rank
+(`replicate`); the global batch is split across ranks, so N processes compute what one does.
+Sharded runs checkpoint with torch.distributed.checkpoint under gkd/sharded/step-N/ (any world
+size resumes it) and gather the child into one ordinary checkpoint folder at the end.
 
 Reads workdir/realized/solution<k>/, writes workdir/child/ (the distilled checkpoint) and
 workdir/gkd/log.jsonl. The state file is loaded with `weights_only=True`: a file that would run
@@ -21,7 +27,6 @@ changed is distilled again.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -33,16 +38,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..bld import batch_indices
 from ..checkpoint.io import load_checkpoint, save_checkpoint
 from ..errors import PuzzleError
-from ..utils import atomic_torch_save, autocast_dtype, load_training_state, warmup_cosine_lr
+from ..training import (
+    adamw,
+    autocast,
+    autocast_dtype,
+    batch_indices,
+    fsdp,
+    load_state,
+    lr_at,
+    optimizer_step,
+    rank_share,
+    rank_world,
+    save_state,
+)
+from ..training import state as states
 
 log = logging.getLogger(__name__)
-
-
-def lr_at(step: int, total: int, cfg) -> float:
-    return warmup_cosine_lr(step, total, cfg.lr, cfg.warmup_fraction, cfg.min_lr_fraction)
 
 
 def distill_loss(child_out, parent_out, input_ids, cfg) -> tuple[torch.Tensor, dict]:
@@ -69,7 +82,8 @@ def validation_kl(child, parent, val_ids: torch.Tensor, batch_size: int = 8) -> 
 
     was_training = child.training
     child.eval()
-    kl = kl_and_agreement(child, parent, val_ids, batch_size)["kl"]
+    with torch.no_grad():  # no graph: FSDP would wait for a backward that never comes
+        kl = kl_and_agreement(child, parent, val_ids, batch_size)["kl"]
     child.train(was_training)
     return kl
 
@@ -93,12 +107,6 @@ def _read_done(path: Path) -> dict:
     return done if isinstance(done, dict) else {}
 
 
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def run(cfg, workdir: str | Path, parent, data, tokenizer=None, progress: bool = True) -> Path:
     """Distill workdir/realized/solution<k> into workdir/child; resumes after a kill."""
     workdir = Path(workdir)
@@ -107,9 +115,12 @@ def run(cfg, workdir: str | Path, parent, data, tokenizer=None, progress: bool =
 
 
 def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokenizer=None, progress: bool = True) -> Path:
-    """Distill the checkpoint in `source` into `out`; state, log and done marker in `state_dir`."""
+    """Distill the checkpoint in `source` into `out`; state, log and done marker in `state_dir`.
+
+    Under torchrun (world > 1) the parent is sharded in place when gkd.teacher is "shard"."""
     g = cfg.gkd
-    rank, world = _dist()
+    rank, world = rank_world()
+    sharded = world > 1
     done_file = state_dir / "done.json"
     if not (source / "config.json").is_file():
         raise PuzzleError(f"{source} not found; run `puzzlenas realize` first")
@@ -124,52 +135,49 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
     if g.batch_size % world:
         raise PuzzleError(f"gkd.batch_size={g.batch_size} must be divisible by the {world} torchrun processes")
     device = next(parent.parameters()).device
-    child = load_checkpoint(source).to(device)
+    amp_dtype = autocast_dtype(g.dtype, device)
+    # sharded: loaded on the CPU, each layer moves to the device as it is sharded (never the whole child)
+    child = load_checkpoint(source).to("cpu" if sharded else device)
     child.train()
+    if g.activation_checkpointing:
+        fsdp.checkpoint_activations(child)
+    if sharded:
+        mesh = fsdp.mesh()
+        fsdp.shard(child, amp_dtype, mesh)
+        if g.teacher == "shard":
+            parent.requires_grad_(False)
+            fsdp.shard(parent, amp_dtype, mesh)
     seq_len = data.train.shape[1]
     tokens_per_step = g.batch_size * g.grad_accum * seq_len
     total_steps = max(1, math.ceil(g.tokens / tokens_per_step))
-    state_file = state_dir / "state.pt"
-    optimizer = torch.optim.AdamW(child.parameters(), lr=g.lr, weight_decay=g.weight_decay)
-    step, history = 0, []
-    if state_file.is_file():
-        state = load_training_state(state_file, map_location=device)
-        if state.get("total_steps") == total_steps and state.get("source_id") in source_ids:
-            child.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optim"])
-            step, history = state["step"], state["history"]
-            if rank == 0:
-                log.info("resuming GKD from step %d/%d", step, total_steps)
-    model = child
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(child)
-    amp = autocast_dtype(g.dtype, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
-    if step == 0 and rank == 0:
-        history.append({"step": 0, "val_kl": validation_kl(child, parent, data.val[: cfg.eval.kl_sequences])})
+    optimizer = adamw(child.parameters(), g.optim)
+    resumed = _resume_sharded if sharded else _resume_single
+    step, history = resumed(state_dir, child, optimizer, total_steps, source_ids, device)
+    if step and rank == 0:
+        log.info("resuming GKD from step %d/%d", step, total_steps)
+    amp = autocast(g.dtype, device)
+    val_ids = data.val[: cfg.eval.kl_sequences]
+    if step == 0:
+        history.append({"step": 0, "val_kl": validation_kl(child, parent, val_ids)})
     bar = tqdm(total=total_steps, initial=step, desc="GKD", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)
     t0, done_here = time.perf_counter(), 0
-    per_rank = g.batch_size // world
     while step < total_steps:
-        lr = lr_at(step, total_steps, g)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        parts = {}
+        lr = lr_at(step, total_steps, g.optim)
         for micro in range(g.grad_accum):
             idx = batch_indices(step * g.grad_accum + micro, g.batch_size, len(data.train), cfg.seed + 1)
-            ids = data.train[idx[rank * per_rank : (rank + 1) * per_rank]].to(device)
-            with torch.no_grad(), autocast():
+            ids = data.train[rank_share(idx, rank, world)].to(device)
+            with torch.no_grad(), amp():
                 parent_out = parent(ids, use_cache=False, output_hidden_states=True)
-            sync = model.no_sync() if world > 1 and micro < g.grad_accum - 1 else contextlib.nullcontext()
-            with sync, autocast():
-                child_out = model(ids, use_cache=False, output_hidden_states=True)
+            if sharded:  # reduce-scatter the gradients only after the last micro-batch
+                child.set_requires_gradient_sync(micro == g.grad_accum - 1)
+            with amp():
+                child_out = child(ids, use_cache=False, output_hidden_states=True)
                 loss, parts = distill_loss(child_out, parent_out, ids, g)
                 (loss / g.grad_accum).backward()
-        if g.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(child.parameters(), g.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, child.parameters(), lr, g.optim.grad_clip)
+        if sharded:  # the logged loss is the global batch's, as one process would log it
+            parts = _mean_over_ranks(parts, world, device)
         step += 1
         done_here += 1
         elapsed = time.perf_counter() - t0
@@ -177,16 +185,22 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
                             f"{done_here * tokens_per_step / elapsed:,.0f} tok/s | lr {lr:.1e}")
         bar.update(1)
         entry = {"step": step, "lr": lr, **parts}
-        if rank == 0 and (step % g.val_every == 0 or step == total_steps):
-            entry["val_kl"] = validation_kl(child, parent, data.val[: cfg.eval.kl_sequences])
+        if step % g.val_every == 0 or step == total_steps:
+            entry["val_kl"] = validation_kl(child, parent, val_ids)
         history.append(entry)
-        if rank == 0 and (step % g.checkpoint_every == 0 or step == total_steps):
-            atomic_torch_save({"model": child.state_dict(), "optim": optimizer.state_dict(), "step": step,
-                               "total_steps": total_steps, "source_id": source_id, "history": history}, state_file)
-        if world > 1:
-            dist.barrier()
+        if step % g.checkpoint_every == 0 or step == total_steps:
+            meta = {"total_steps": total_steps, "source_id": source_id, "history": history}
+            if sharded:
+                states.save_sharded(state_dir / "sharded", step, _sharded_state(child, optimizer), meta)
+            elif rank == 0:
+                save_state({"model": child.state_dict(), "optim": optimizer.state_dict(), "step": step, **meta},
+                           state_dir / "state.pt")
     bar.close()
+    weights = fsdp.full_state_dict(child) if sharded else None  # collective: every rank gathers
     if rank == 0:
+        if sharded:  # an ordinary, unsharded model to save
+            child = load_checkpoint(source)
+            child.load_state_dict(weights)
         child.eval()
         save_checkpoint(child, out, tokenizer, overwrite=True)  # the work directory's own folder
         from ..utils import atomic_write_json, atomic_write_text
@@ -197,7 +211,56 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
                                       "steps": total_steps, "tokens": total_steps * tokens_per_step,
                                       "seconds": round(time.perf_counter() - t0, 1),
                                       "val_kl_before": history[0].get("val_kl"), "val_kl_after": history[-1].get("val_kl")})
-        state_file.unlink(missing_ok=True)
-    if world > 1:
+        (state_dir / "state.pt").unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(state_dir / "sharded", ignore_errors=True)
+    if sharded:
         dist.barrier()
     return out
+
+
+def _resume_single(state_dir: Path, child, optimizer, total_steps: int, source_ids, device) -> tuple[int, list]:
+    state_file = state_dir / "state.pt"
+    if not state_file.is_file():
+        return 0, []
+    state = load_state(state_file, map_location=device)
+    if state.get("total_steps") != total_steps or state.get("source_id") not in source_ids:
+        return 0, []
+    child.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
+    return state["step"], state["history"]
+
+
+def _sharded_state(child, optimizer) -> dict:
+    """This rank's shards of the weights and optimizer moments, keyed as DCP stores them."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(child, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _resume_sharded(state_dir: Path, child, optimizer, total_steps: int, source_ids, device) -> tuple[int, list]:
+    """Collective: load the newest complete sharded state, if it was written for this run."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    root = state_dir / "sharded"
+    if rank_world()[0] == 0:
+        states.clean_partial(root)
+    dist.barrier()
+    folder = states.latest_sharded(root)
+    if folder is None:
+        return 0, []
+    meta = states.read_meta(folder)
+    if meta.get("total_steps") != total_steps or meta.get("source_id") not in source_ids:
+        return 0, []
+    state = _sharded_state(child, optimizer)
+    states.load_sharded(folder, state)
+    set_state_dict(child, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return meta["step"], meta["history"]
+
+
+def _mean_over_ranks(parts: dict, world: int, device) -> dict:
+    values = torch.tensor([parts[k] for k in parts], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return {k: v / world for k, v in zip(parts, values.tolist())}
