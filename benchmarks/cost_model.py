@@ -39,10 +39,10 @@ def proxy_scores(profile: dict, alternatives: list[str]) -> dict:
     """Fewer parameters hurt more, with per-layer noise; no-ops a little extra."""
     rng = np.random.default_rng(0)
     scores = {}
-    for name in alternatives:
-        a = Alternative.from_name(name)
+    parsed = {n: Alternative.from_name(n) for n in alternatives}
+    for name, a in parsed.items():
         full = profile["alternatives"][name]["params"] or 0
-        ref = max(profile["alternatives"][n]["params"] for n in alternatives if n.startswith(name.rsplit(".", 1)[0]))
+        ref = max(profile["alternatives"][n]["params"] for n, b in parsed.items() if (b.layer, b.sub) == (a.layer, a.sub))
         scores[name] = {"kl": float((1 - full / ref) * rng.uniform(0.2, 1.8)) if ref else 0.0}
         if a.kind == "no_op":
             scores[name]["kl"] += float(rng.uniform(0, 0.3))
@@ -112,9 +112,8 @@ def main() -> None:
         ratio = speedup_stats(timings["parent"], timings[f"child{i}"])["total"]
         err = predicted / ratio["median"] - 1
         errors.append(abs(err))
-        kinds = {k: sum(1 for a, f in sol.pairs for x in (a, f) if x.split(".")[-1].startswith(k))
-                 for k in ("gqa", "mlp", "linear", "no_op")}
-        mix = "/".join(str(kinds[k]) for k in ("gqa", "mlp", "linear", "no_op"))
+        kinds = [Alternative.from_name(x).kind for pair in sol.pairs for x in pair]
+        mix = "/".join(str(kinds.count(k)) for k in ("gqa", "mlp", "linear", "no_op"))
         spread = f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})"
         print(f"| {target:>5.1f}x | {predicted:>8.2f}x | {spread:>20} | {err:>+6.1%} | {mix:<20} |")
     if errors:

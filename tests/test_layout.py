@@ -124,6 +124,11 @@ def test_cycle_finder_sees_a_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert find_cycles(graph) == [["a", "b", "c", "a"]]
     assert find_cycles({"a": {"b"}, "b": set()}) == []
+    # function-level imports are edges (library.space imports the engines inside target_alternatives);
+    # annotation-only ones under TYPE_CHECKING are not (library.space -> config)
+    graph = import_graph()
+    assert "puzzlenas.engines" in graph["puzzlenas.library.space"]
+    assert "puzzlenas.config" not in graph["puzzlenas.library.space"]
 
 
 def test_every_engine_is_one_module_implementing_the_interface():
@@ -143,8 +148,16 @@ def test_every_engine_is_one_module_implementing_the_interface():
         assert "time_models" in vars(cls), f"{name} does not implement time_models"
         assert set(cls.kinds) == {"attention", "ffn"}
         assert inspect.signature(cls.time_models).parameters.keys() == inspect.signature(Engine.time_models).parameters.keys()
-    # engines serve models; they know nothing of the stages above them
     graph = import_graph()
-    for module in modules:
+    assert modules <= graph["puzzlenas.engines"], "the registry imports every engine's module"
+    for module in modules:  # engines serve models; they know nothing of the stages above them
         above = {m for m in graph[module] if m.split(".")[1] in {"costs", "search", "pipeline", "report", "cli"}}
         assert not above, f"{module} imports {above}"
+    # vLLM and llama.cpp plug in through the registry alone: no other module imports theirs, and the
+    # cost stage names no engine (how an engine is timed, and how its profiles are named, is the engine's)
+    for module in modules - {"puzzlenas.engines.torch_engine"}:
+        users = {m for m, deps in graph.items() if module in deps and not m.startswith("puzzlenas.engines")}
+        assert not users, f"{users} import {module} directly instead of through puzzlenas.engines.get_engine"
+    for path in (ROOT / "costs").glob("*.py"):
+        strings = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)}
+        assert not strings & set(ENGINES), f"{path.name} names an engine: {strings & set(ENGINES)}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..costs import scenario_time
+from ..costs.profile import scenario_time
 from ..errors import PuzzleError
 from ..library.space import Alternative
 from ..scoring import damage

@@ -27,13 +27,10 @@ from ..library.space import Alternative
 log = logging.getLogger(__name__)
 
 
-def shape_key(alt: Alternative) -> tuple[str, str, int | None]:
-    return (alt.sub, alt.kind, alt.size)
-
-
 def shape_name(shape: tuple[str, str, int | None]) -> str:
+    """A variant's name (its folder, its key in the profile): `ffn-mlp768`, `attention-no_op`."""
     sub, kind, size = shape
-    return f"{sub}-{kind}{size if size is not None else ''}"
+    return f"{sub}-{Alternative.format_short(kind, size)}"
 
 
 def _steady_rounds(parent_timings, typical: float, tolerance: float = 0.25) -> list[int]:
@@ -75,7 +72,7 @@ def measure_variants_profile(parent, parent_dir: Path | None, engine, alternativ
     config = parent.config
     ref_attention = ("attention", "gqa", config.block_configs[0].attention.num_key_value_heads)
     ref_ffn = ("ffn", "mlp", config.block_configs[0].ffn.intermediate_size)
-    shapes = sorted({shape_key(a) for a in alternatives}, key=str)
+    shapes = sorted({a.shape for a in alternatives}, key=str)
     # the no-op variants anchor the parent's own sub-block costs, whether or not they are searched
     measured = sorted({s for s in shapes if s not in (ref_attention, ref_ffn)}
                       | {("attention", "no_op", None), ("ffn", "no_op", None)}, key=str)

@@ -53,6 +53,14 @@ class ModelTimings:
     def to_dict(self) -> dict:
         return {"decode_steps": self.decode_steps, "prefill_s": self.prefill_s, "total_s": self.total_s}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelTimings:
+        """The inverse of to_dict: how a worker process's timings come back."""
+        out = cls(decode_steps=d["decode_steps"])
+        for prefill, total in zip(d["prefill_s"], d["total_s"]):
+            out.add(prefill, total)
+        return out
+
 
 def speedup_stats(reference: ModelTimings, other: ModelTimings) -> dict:
     """Speed-ups of `other` over `reference` round by round (both timed in the same rounds):
@@ -105,6 +113,12 @@ class Engine:
 
     def serving_dtype(self, choice: str) -> str:
         return "float32" if choice == "auto" else choice
+
+    @classmethod
+    def profile_tag(cls, target) -> str:
+        """What the name of a cost profile measured in this engine opens with, before the hardware's
+        (costs.profile_name); `target` is the config's target section."""
+        return cls.name
 
     def time_models(self, models: dict[str, Path], scenario: Scenario, repeats: int, warmup: int = 1,
                     groups: list[list[str]] | None = None, dtype: str = "float32",

@@ -64,6 +64,10 @@ class LlamaCppEngine(Engine):
         # what puzzlenas loads the checkpoints in before export; the served precision is gguf_type
         return "float32"
 
+    @classmethod
+    def profile_tag(cls, target) -> str:
+        return f"{cls.name}-{target.gguf_type}"  # costs differ by GGUF type: one profile per type
+
     def export(self, checkpoint: Path, folder: Path) -> Path:
         """checkpoint folder -> folder/<content hash>.<type>.gguf (reused while the weights are unchanged)."""
         from ..export import export_gguf
@@ -85,16 +89,7 @@ class LlamaCppEngine(Engine):
                    "scenario": [scenario.batch_size, scenario.prompt_len, scenario.generate_len],
                    "threads": int(os.environ.get("PUZZLENAS_LLAMACPP_THREADS") or os.cpu_count() or 1)}
             result = _run_worker(job, Path(tmp), progress)
-        out = []
-        for group in result["groups"]:
-            timings = {}
-            for name, t in group.items():
-                mt = ModelTimings(decode_steps=t["decode_steps"])
-                for p, total in zip(t["prefill_s"], t["total_s"]):
-                    mt.add(p, total)
-                timings[name] = mt
-            out.append(timings)
-        return out
+        return [{name: ModelTimings.from_dict(t) for name, t in group.items()} for group in result["groups"]]
 
 
 def _content_hash(folder: Path) -> str:

@@ -1,6 +1,6 @@
 """puzzlenas's own PyTorch model as the serving engine: eager transformers-style forward with a
 KV cache. Runs every block kind; its costs come from timing each sub-block in isolation
-(`costs.measure_alternative`), which predicts this harness's whole-model time within a few percent.
+(`costs/measure.py`), which predicts this harness's whole-model time within a few percent.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ class TorchEngine(Engine):
         if choice != "auto":
             return choice
         return "bfloat16" if torch.cuda.is_available() else "float32"
+
+    @classmethod
+    def profile_tag(cls, target) -> str:
+        return ""  # harness profiles are named by the hardware alone
 
     def time_models(self, models, scenario, repeats, warmup=1, groups=None, dtype="float32", progress=False):
         from ..checkpoint.io import load_checkpoint

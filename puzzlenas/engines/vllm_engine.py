@@ -61,16 +61,7 @@ class VLLMEngine(Engine):
                "repeats": repeats, "warmup": warmup, "dtype": dtype}
         result = self._run(job, models.values(), scenario.prompt_len + scenario.generate_len,
                            scenario.batch_size, max(len(g) for g in groups), progress)
-        out = []
-        for group in result["groups"]:
-            timings = {}
-            for name, t in group.items():
-                mt = ModelTimings(decode_steps=t["decode_steps"])
-                for p, total in zip(t["prefill_s"], t["total_s"]):
-                    mt.add(p, total)
-                timings[name] = mt
-            out.append(timings)
-        return out
+        return [{name: ModelTimings.from_dict(t) for name, t in group.items()} for group in result["groups"]]
 
     def generate(self, checkpoint: Path, prompts: list[list[int]], max_tokens: int, dtype: str = "float32") -> list[list[int]]:
         """Greedy continuations (token ids) of token-id prompts."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ..library.space import Alternative
 from ..utils import atomic_write_text
 
 COLORS = {"gqa": "#4c72b0", "linear": "#dd8452", "no_op": "#d9d9d9", "mlp": "#55a868"}
@@ -30,17 +31,14 @@ def architecture_figure(solution: dict, out: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    layers = solution["layers"]
-    ffn_sizes = [int(x["ffn"].split(".")[-1][3:]) for x in layers if x["ffn"].split(".")[-1].startswith("mlp")]
-    largest = max(ffn_sizes, default=1)
+    layers = [(Alternative.from_name(x["attention"]), Alternative.from_name(x["ffn"])) for x in solution["layers"]]
+    largest = max((f.size for _, f in layers if f.kind == "mlp"), default=1)
     fig, ax = plt.subplots(figsize=(6, max(3, 0.22 * len(layers) + 1)))
-    for i, x in enumerate(layers):
-        for col, name in enumerate((x["attention"], x["ffn"])):
-            short = name.split(".")[-1]
-            kind = next(k for k in ("gqa", "linear", "no_op", "mlp") if short.startswith(k))
-            alpha = 0.35 + 0.65 * int(short[3:]) / largest if kind == "mlp" else 1.0  # lighter = narrower
-            ax.add_patch(plt.Rectangle((col, len(layers) - 1 - i), 0.95, 0.9, color=COLORS[kind], alpha=alpha))
-            ax.text(col + 0.47, len(layers) - 1 - i + 0.45, short, ha="center", va="center", fontsize=7)
+    for i, pair in enumerate(layers):
+        for col, a in enumerate(pair):
+            alpha = 0.35 + 0.65 * a.size / largest if a.kind == "mlp" else 1.0  # lighter = narrower
+            ax.add_patch(plt.Rectangle((col, len(layers) - 1 - i), 0.95, 0.9, color=COLORS[a.kind], alpha=alpha))
+            ax.text(col + 0.47, len(layers) - 1 - i + 0.45, a.short, ha="center", va="center", fontsize=7)
     ax.set_xlim(0, 2)
     ax.set_ylim(0, len(layers))
     ax.set_xticks([0.47, 1.47], ["attention", "FFN"])

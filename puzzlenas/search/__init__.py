@@ -11,7 +11,7 @@ import itertools
 from pathlib import Path
 
 from ..config import parse_factor, parse_size
-from ..costs import alternative_time, decode_steps, scenario_time
+from ..costs.profile import alternative_time, decode_steps, scenario_time
 from ..errors import PuzzleError
 from ..library.space import Alternative, pair_name
 from ..scoring import damage
@@ -137,5 +137,6 @@ def format_solutions(result: dict) -> str:
                      f"summed {result['metric']} {s['damage']:.4f}, solved in {s['solve_seconds']:.2f} s")
         lines.append(f"  {'layer':>5}  {'attention':<12} {'ffn':<12}")
         for i, layer in enumerate(s["layers"]):
-            lines.append(f"  {i:>5}  {layer['attention'].split('.')[-1]:<12} {layer['ffn'].split('.')[-1]:<12}")
+            attention, ffn = (Alternative.from_name(layer[sub]).short for sub in ("attention", "ffn"))
+            lines.append(f"  {i:>5}  {attention:<12} {ffn:<12}")
     return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Measured cost profiles: every alternative timed on this machine, in the target engine.
+
+Which way an engine is timed is its own attribute (`Engine.profiles_by_variants`), so this module
+names no engine; a new engine plugs in through puzzlenas/engines/ alone:
+  - by whole-model variants (vLLM, llama.cpp, any engine that times checkpoints): costs/variants.py,
+    through the engine's `time_models`;
+  - sub-block by sub-block in puzzlenas's PyTorch harness (torch), below: per alternative we time
+    `h + block(h)` (norm, sub-block and residual add, exactly what a layer runs) for prefill and
+    for one decode step against a KV cache of the mean context, with warm-up and repeats, taking
+    the median. What every child shares (embedding, rotary tables, final norm, LM head,
+    per-forward overhead) is timed once as a child whose layers are all no-op.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..engines.base import Scenario
+from ..engines.torch_engine import measure_model_scenario
+from ..library.space import Alternative, build_subblock
+from ..utils import fingerprint, median_time
+from .profile import BYTES, alternative_memory, alternative_params, profile_name, shared_memory
+
+STREAM_BYTES = 256 * 2**20  # more than any CPU's last-level cache
+
+
+@torch.no_grad()
+def measure_alternative(config, alt: Alternative, scenario: Scenario, device, dtype, warmup: int, repeats: int) -> dict:
+    """Median seconds of prefill and of one decode step for `h + block(h)`.
+
+    Timing one small block over and over would keep its weights in the CPU cache, while in the
+    real model every layer's weights stream from memory (decode is memory-bound). So we run
+    enough distinct copies of the block back to back to move STREAM_BYTES of weights, and divide.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    from ..model.modeling_decilm import DeciLMRotaryEmbedding
+
+    if alt.kind == "no_op":
+        return {"prefill_s": 0.0, "decode_s": 0.0, "copies": 0}
+    nbytes = alternative_params(config, alt) * torch.finfo(dtype).bits // 8
+    copies = 1 if device.type == "cuda" else max(1, min(64, -(-STREAM_BYTES // max(nbytes, 1))))
+    blocks = [build_subblock(config, alt).to(device=device, dtype=dtype).eval() for _ in range(copies)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    B, P, ctx, C = scenario.batch_size, scenario.prompt_len, scenario.decode_context, config.hidden_size
+    rotary = DeciLMRotaryEmbedding(config)
+    h = torch.randn(B, P, C, device=device, dtype=dtype)
+    pe = rotary(h, torch.arange(P, device=device)[None].expand(B, -1))
+
+    def prefill_all():
+        for b in blocks:
+            h + b(h, pe)
+
+    prefill = median_time(prefill_all, warmup, repeats, sync) / copies
+    h1 = torch.randn(B, 1, C, device=device, dtype=dtype)
+    pe1 = rotary(h1, torch.full((B, 1), ctx, device=device))
+    if alt.sub == "attention" and alt.kind == "gqa":
+        caches = []
+        for _ in blocks:
+            cache = DynamicCache()
+            kv = torch.randn(B, alt.size, ctx, config.head_dim, device=device, dtype=dtype)
+            cache.update(kv, kv.clone(), 0)
+            caches.append(cache)
+
+        def decode_all():
+            for b, cache in zip(blocks, caches):
+                h1 + b.self_attn(b.input_layernorm(h1), pe1, None, cache)
+
+        def reset():
+            for cache in caches:
+                cache.crop(-1)  # drop the token the step appended
+
+        decode = median_time(decode_all, warmup, repeats, sync, reset=reset) / copies
+    else:
+
+        def decode_all():
+            for b in blocks:
+                h1 + b(h1, pe1)
+
+        decode = median_time(decode_all, warmup, repeats, sync) / copies
+    return {"prefill_s": prefill, "decode_s": decode, "copies": copies}
+
+
+def measure_shared(parent, scenario: Scenario, warmup: int, repeats: int, dtype=torch.float32) -> dict:
+    """Everything but the layers: a child whose every layer is no-op, timed like a real model."""
+    from ..realize import assemble_child
+
+    choices = [(Alternative(i, "attention", "no_op"), Alternative(i, "ffn", "no_op"))
+               for i in range(parent.config.num_hidden_layers)]
+    shell = assemble_child(parent, choices, random_weights=True).to(dtype)
+    m = measure_model_scenario(shell, scenario, warmup=warmup, repeats=repeats)
+    # per-step decode time, so that T = prefill + G * decode holds for the shared part too
+    return {"prefill_s": m["prefill_s"], "decode_s": m["decode_s"] / scenario.generate_len}
+
+
+def measure_profile(cfg, workdir: Path, parent, alternatives, scenario: Scenario, progress: bool) -> dict:
+    """Time the alternatives on this machine: in puzzlenas's harness sub-block by sub-block
+    (engine torch), or in the target engine with whole-model variants (costs/variants.py). A
+    profile already on disk for the same inputs is returned as it is."""
+    from ..engines import get_engine
+
+    c = cfg.costs
+    engine = get_engine(cfg.target.engine)
+    engine.check_available()
+    device = next(parent.parameters()).device
+    dtype_name = engine.serving_dtype(c.dtype)
+    name = profile_name(cfg, device)
+    key = fingerprint(name, dtype_name, scenario.__dict__, c.warmup, c.repeats,
+                      sorted(a.name for a in alternatives), parent.config.to_dict())
+    out_file = workdir / "costs" / f"{name}.json"
+    if out_file.is_file():
+        cached = json.loads(out_file.read_text())
+        if cached.get("fingerprint") == key:
+            return cached
+    bpe = BYTES[dtype_name]
+    if engine.profiles_by_variants:
+        from .variants import measure_variants_profile
+
+        parent_dir = workdir / "parent" if (workdir / "parent" / "config.json").is_file() else None
+        measured = measure_variants_profile(parent, parent_dir, engine, alternatives, scenario, dtype_name,
+                                            c.warmup, c.repeats, workdir / "costs" / "variants.tmp", progress)
+        times = {shape: measured["shapes"][shape] for shape in {a.shape for a in alternatives}}
+        shared = measured["shared"]
+        extra = {"engine": engine.name, "method": "whole-model variants", "decode_steps": measured["decode_steps"],
+                 "parent_measured": measured["parent_measured"], "variants": measured["variants"],
+                 "warnings": measured["warnings"]}
+    else:
+        from tqdm.auto import tqdm
+
+        dtype = getattr(torch, dtype_name)
+        unique = {}  # same-shaped alternatives of different layers cost the same: time each shape once
+        for a in alternatives:
+            unique.setdefault(a.shape, a)
+        times = {}
+        for shape, a in tqdm(unique.items(), desc="timing alternatives", disable=not progress):
+            times[shape] = measure_alternative(parent.config, a, scenario, device, dtype, c.warmup, c.repeats)
+        shared = measure_shared(parent, scenario, c.warmup, c.repeats, dtype)
+        extra = {"engine": engine.name, "method": "sub-blocks in the PyTorch harness"}
+    return {
+        "device": name,
+        "estimated": False,
+        "dtype": dtype_name,
+        "fingerprint": key,
+        "scenario": scenario.__dict__,
+        **extra,
+        "shared": {**shared, **shared_memory(parent.config, bpe)},
+        "alternatives": {a.name: {**times[a.shape], **alternative_memory(parent.config, a, scenario, bpe)}
+                         for a in alternatives},
+    }
