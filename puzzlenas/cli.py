@@ -107,7 +107,6 @@ def cmd_bld(args: argparse.Namespace) -> None:
     from .config import save_config
     from .data import prepare_data
     from .training import init_distributed
-    from .utils import pick_device
 
     cfg = _load_cfg(args)
     init_distributed()  # joins the torchrun group, if any
@@ -122,7 +121,7 @@ def cmd_bld(args: argparse.Namespace) -> None:
     if rank != 0:
         parent, tokenizer, fp = prepare_parent(cfg.parent, workdir)
         data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
-    parent.to(pick_device())
+    # bld.run moves the parent to the device (with bld.parallel=layers, only this rank's layers)
     library = bld.run(cfg, workdir, parent, data, fp, progress=not args.quiet)
     if rank == 0:
         save_config(cfg, workdir / "config.yaml")  # after success: a failed command leaves the last good one

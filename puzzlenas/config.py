@@ -113,6 +113,10 @@ class BLDConfig(_TrainingSection):
     tokens: int = Field(131072, gt=0)
     batch_size: int = Field(8, gt=0)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    # under torchrun: "alternatives": every rank holds the whole parent and trains a share of the
+    # alternatives; "layers": the parent's layers are split over the ranks (for a parent too big
+    # for one device), activations pass rank to rank, each rank trains its layers' alternatives
+    parallel: Literal["alternatives", "layers"] = "alternatives"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     checkpoint_every: int = Field(50, gt=0)
     # coupled BLD: these (layer, attention, ffn) pairs are also trained as one unit that imitates

@@ -21,8 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import make_tiny_parent, start_cli
+from test_bld import TINY_CFG, _assert_same_library
 from test_gkd_eval import GKD_CFG, _max_weight_diff, _prepare
 
 from puzzlenas.errors import PuzzleError
@@ -145,3 +147,73 @@ def test_one_optimizer_section_serves_bld_and_gkd():
     assert (old.bld.optim.lr, old.bld.optim.warmup_fraction, old.gkd.optim.lr) == (2e-4, 0.1, 1e-3)
     with pytest.raises(PuzzleError, match="bld: Value error, lr is set twice"):
         config_from_dict({"bld": {"lr": 2e-4, "optim": {"lr": 1e-4}}})
+
+
+@pytest.fixture(scope="module")
+def bld_one(tmp_path_factory):
+    """A tiny parent, its config, and the library one process trains (16 steps)."""
+    tmp = tmp_path_factory.mktemp("bld")
+    make_tiny_parent("llama").save_pretrained(tmp / "parent")
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump({"parent": str(tmp / "parent"), **TINY_CFG}))
+    args = ["bld", str(tmp / "cfg.yaml"), "--quiet", "--set", "bld.tokens=2048"]
+    finish(start_cli([*args, "--workdir", str(tmp / "one")]))
+    for name in ("two", "killed"):  # the same converted parent and data, no library
+        shutil.copytree(tmp / "one", tmp / name, ignore=shutil.ignore_patterns("library"))
+    return tmp, [*args, "--set", "bld.parallel=layers"]
+
+
+def _records(workdir: Path) -> dict:
+    return json.loads((workdir / "library" / "index.json").read_text())["blocks"]
+
+
+def test_bld_with_the_parents_layers_split_over_two_ranks_equals_one_rank(bld_one):
+    """bld.parallel=layers: rank 0 holds layers 0-1, rank 1 layer 2 and gets its input from rank 0;
+    every block equals the one a single process trains (the parent is frozen, so each block sees
+    the same tensors, bit for bit)."""
+    tmp, args = bld_one
+    finish(torchrun([*args, "--workdir", str(tmp / "two")]))
+    _assert_same_library(tmp / "one", tmp / "two", atol=0)
+    one, two = _records(tmp / "one"), _records(tmp / "two")
+    assert one.keys() == two.keys()
+    assert all(rec.get("val_nmse") == two[name].get("val_nmse") for name, rec in one.items())
+    # each rank's loop time is on its own blocks: layers 0-1 share one, layer 2 has the other
+    seconds = {layer: {r["train_seconds"] for r in two.values() if r["layer"] == layer and r.get("file")}
+               for layer in range(3)}
+    assert len(seconds[0] | seconds[1]) == 1 and len(seconds[2]) == 1 and seconds[0] != seconds[2]
+
+
+def test_layer_split_bld_resumes_after_sigkill(bld_one):
+    """Killed mid-run, the ranks may have saved different steps: the run resumes from the earliest,
+    the rank ahead relaying until the other catches up, and ends with the same blocks."""
+    tmp, args = bld_one
+    work = tmp / "killed"
+    proc = torchrun([*args, "--workdir", str(work)])
+    state, killed_at, deadline = work / "library" / "state" / "rank1-of2-layers.pt", None, time.time() + 240
+    while time.time() < deadline and proc.poll() is None and killed_at is None:
+        try:
+            step = torch.load(state, weights_only=True)["step"] if state.is_file() else 0
+        except Exception:  # caught between write and rename
+            step = 0
+        if step >= 4:
+            for pid in [*children(proc.pid), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+            killed_at = step
+        time.sleep(0.02)
+    proc.communicate()
+    assert killed_at is not None and killed_at < 16, "the run ended before it could be killed midway"
+    out = finish(torchrun([*args, "--workdir", str(work)]))
+    assert "resuming BLD from step" in out
+    _assert_same_library(tmp / "one", work, atol=0)
+
+
+def test_layer_ranges_cover_the_parent_once():
+    from puzzlenas.bld.pipeline import LayerPipeline
+    from puzzlenas.checkpoint import convert_parent
+
+    parent = convert_parent(make_tiny_parent("llama"))
+    owned = [[i for i in range(3) if LayerPipeline(parent, r, 2).owns(i)] for r in range(2)]
+    assert owned == [[0, 1], [2]]
+    LayerPipeline(parent, 1, 2).drop_others(parent)
+    assert [sum(p.numel() for p in layer.parameters()) > 0 for layer in parent.model.layers] == [False, False, True]
+    with pytest.raises(PuzzleError, match="4 torchrun processes for a parent of 3 layers"):
+        LayerPipeline(parent, 0, 4)

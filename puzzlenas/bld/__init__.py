@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import PuzzleConfig
-from ..library.init import collect_calibration, initialize_unit, trace_parent
+from ..library.init import LayerActivations, initialize_unit, trace_parent
 from ..library.space import (
     Alternative,
     build_subblock,
@@ -47,9 +47,11 @@ from ..training import (
     lr_at,
     optimizer_step,
     rank_world,
+    reduce_int,
     save_state,
 )
-from ..utils import kill_point
+from ..utils import kill_point, pick_device
+from .pipeline import LayerPipeline
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +62,11 @@ def nmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_nmse(blocks: dict[Alternative, torch.nn.Module], parent, val_ids: torch.Tensor, batch_size: int = 8) -> dict:
+def validation_nmse(blocks: dict[Alternative, torch.nn.Module], parent, val_ids: torch.Tensor, batch_size: int = 8,
+                    trace=trace_parent) -> dict:
     """Normalized MSE of each block on validation sequences, in fp32: sum of squared errors over
-    all tokens / sum of squared targets."""
-    if not blocks:
+    all tokens / sum of squared targets. `trace`: trace_parent, or a LayerPipeline rank's."""
+    if not blocks and not getattr(trace, "relays", False):
         return {}
     device = next(parent.parameters()).device
     err = {a: 0.0 for a in blocks}
@@ -74,7 +77,7 @@ def validation_nmse(blocks: dict[Alternative, torch.nn.Module], parent, val_ids:
         by_layer.setdefault(a.layer, []).append(a)
     for start in range(0, len(val_ids), batch_size):
         ids = val_ids[start : start + batch_size].to(device)
-        for layer, a_in, a_out, f_in, f_out, pe in trace_parent(parent, ids, layers):
+        for layer, a_in, a_out, f_in, f_out, pe in trace(parent, ids, layers):
             for alt in by_layer[layer]:
                 h, y = unit_io(alt, a_in, a_out, f_in, f_out)
                 pred = blocks[alt](h, pe).float()
@@ -97,7 +100,11 @@ def run(cfg: PuzzleConfig, workdir: str | Path, parent, data, parent_fingerprint
     """Train the library in `workdir/library`; returns it. Safe to call again after a kill."""
     workdir = Path(workdir)
     rank, world = rank_world()
-    device = next(parent.parameters()).device
+    pipeline = LayerPipeline(parent) if world > 1 and cfg.bld.parallel == "layers" else None
+    if pipeline is not None:
+        pipeline.drop_others(parent)  # before the move: the device holds this rank's layers only
+    device = pick_device()
+    parent.to(device)
     library = Library(workdir / "library", parent_fingerprint, data.fingerprint)
     alternatives = target_alternatives(cfg, parent.config)
     trainable = [a for a in alternatives if a.trainable and not is_parent_alternative(a, parent.config)]
@@ -106,6 +113,12 @@ def run(cfg: PuzzleConfig, workdir: str | Path, parent, data, parent_fingerprint
     for a, problem in problems.items():
         if problem not in (None, "not trained"):
             log.warning("training %s again: %s", a.name, problem)
+    if pipeline is not None:  # every rank trains what is left of its own layers
+        mine = [a for a in problems if pipeline.owns(a.layer) and not library.is_done(a)]
+        if reduce_int(len(mine), "max"):
+            _train(cfg, parent, data, library, mine, rank, world, device, progress, pipeline)
+        _finish(library, alternatives, trainable, parent.config, rank)
+        return library
     # a run killed while saving its trained blocks: save the rest from its final state (no retraining)
     unsaved = _unsaved_of_finished_state(library.state_dir / f"rank{rank}-of{world}.pt", problems)
     if unsaved:
@@ -116,12 +129,16 @@ def run(cfg: PuzzleConfig, workdir: str | Path, parent, data, parent_fingerprint
     mine = todo[rank::world]
     if mine:
         _train(cfg, parent, data, library, mine, rank, world, device, progress)
+    _finish(library, alternatives, trainable, parent.config, rank)
+    return library
+
+
+def _finish(library: Library, alternatives, trainable, config, rank: int) -> None:
     barrier()
     if rank == 0:
-        _record_untrained(library, alternatives, trainable, parent.config)
+        _record_untrained(library, alternatives, trainable, config)
         library.write_index({"alternatives": [a.name for a in alternatives]})
     barrier()
-    return library
 
 
 def _unsaved_of_finished_state(state_file: Path, problems: dict) -> list:
@@ -150,11 +167,15 @@ def _record_untrained(library: Library, alternatives, trainable, config) -> None
         )
 
 
-def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: int, world: int, device, progress):
+def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: int, world: int, device, progress,
+           pipeline: LayerPipeline | None = None):
+    """Train `mine` to the end and save them. With a pipeline, every rank calls this (`mine` may be
+    empty) and runs the same passes: a rank relays the passes it does not need itself."""
     bld = cfg.bld
+    trace = pipeline or trace_parent
     seq_len = data.train.shape[1]
     total_steps = max(1, math.ceil(bld.tokens / (bld.batch_size * seq_len)))
-    state_file = library.state_dir / f"rank{rank}-of{world}.pt"
+    state_file = library.state_dir / (f"rank{rank}-of{world}.pt" if pipeline is None else f"rank{rank}-of{world}-layers.pt")
     names = [a.name for a in mine]
     blocks = {a: build_unit(parent.config, a).to(device) for a in mine}
     state = None
@@ -167,11 +188,16 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
             state = None
         else:
             state["names"] = names
-    if state is None:
-        state = _fresh_state(cfg, parent, data, blocks, names, total_steps, device)
+    fresh = state is None and bool(mine)
+    if pipeline is not None and not fresh and reduce_int(fresh, "max"):
+        _fresh_state(cfg, parent, data, {}, [], total_steps, device, trace)  # the others initialize: relay
+    if fresh:
+        state = _fresh_state(cfg, parent, data, blocks, names, total_steps, device, trace)
         save_state(state, state_file)
-    else:
+    elif state is not None:
         log.info("resuming BLD from step %d/%d (%s)", state["step"], total_steps, state_file.name)
+    else:  # a pipeline rank whose layers are all trained: it only relays
+        state = {"step": total_steps, "blocks": {}, "optim": {}}
     for a in mine:
         blocks[a].load_state_dict(state["blocks"][a.name])
         blocks[a].train()
@@ -188,13 +214,15 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
                unit="step", disable=not progress, dynamic_ncols=True)
     t0, steps_done = time.perf_counter(), 0
     state["seconds_before"] = state.get("seconds", 0.0)
-    while state["step"] < total_steps:
-        step = state["step"]
+    # pipeline ranks resumed at different steps: all run from the earliest, those ahead only relay
+    first = state["step"] if pipeline is None else reduce_int(state["step"], "min")
+    for step in range(first, total_steps):
+        training = step >= state["step"]
         lr = lr_at(step, total_steps, bld.optim)
         ids = data.train[batch_indices(step, bld.batch_size, len(data.train), cfg.seed)].to(device)
         losses = []
         with amp():
-            stream = trace_parent(parent, ids, set(by_layer))
+            stream = trace(parent, ids, set(by_layer) if training else set())
             for layer, a_in, a_out, f_in, f_out, pe in stream:
                 layer_loss = 0.0
                 for alt in by_layer[layer]:
@@ -204,6 +232,8 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
                     state["train_nmse"][alt.name] = loss.item()
                     losses.append(loss.item())
                 layer_loss.backward()  # frees this layer's graphs before the next layer runs
+        if not training:
+            continue
         for alt in mine:  # each alternative clips and steps on its own (decoupled BLD)
             optimizer_step(optimizers[alt], blocks[alt].parameters(), lr, bld.optim.grad_clip)
         state["step"] += 1
@@ -211,7 +241,7 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
         elapsed = time.perf_counter() - t0
         state["seconds"] = state.get("seconds_before", 0.0) + elapsed
         bar.set_postfix_str(
-            f"nmse {sum(losses) / len(losses):.4f} | {steps_done * tokens_per_step / elapsed:,.0f} tok/s | lr {lr:.1e}"
+            f"nmse {sum(losses) / max(1, len(losses)):.4f} | {steps_done * tokens_per_step / elapsed:,.0f} tok/s | lr {lr:.1e}"
         )
         bar.update(1)
         if state["step"] % bld.checkpoint_every == 0 or state["step"] == total_steps:
@@ -221,7 +251,7 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
     bar.close()
     for b in blocks.values():
         b.eval()
-    final_val = validation_nmse(blocks, parent, data.val.to(device))
+    final_val = validation_nmse(blocks, parent, data.val.to(device), trace=trace)
     for a in mine:
         described = {"attention": a.attention.name, "ffn": a.ffn.name} if a.sub == "pair" else {"kind": a.kind, "size": a.size}
         record = {
@@ -241,23 +271,23 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
     state_file.unlink(missing_ok=True)
 
 
-def _fresh_state(cfg, parent, data, blocks, names, total_steps, device) -> dict:
+def _fresh_state(cfg, parent, data, blocks, names, total_steps, device, trace=trace_parent) -> dict:
     """Initialize every block from the parent and measure its validation NMSE at init."""
     calib_ids = data.train[: cfg.init.calibration_sequences].to(device)
     if calib_ids.numel() < 4 * parent.config.hidden_size:
         log.warning("only %d calibration tokens for hidden size %d: linear fits may overfit (raise "
                     "init.calibration_sequences)", calib_ids.numel(), parent.config.hidden_size)
     layers = {a.layer for a in blocks}
-    acts = collect_calibration(parent, calib_ids, layers)
+    acts = {i: LayerActivations(*(t.flatten(0, 1).float() for t in io)) for i, *io, _ in trace(parent, calib_ids, layers)}
     init_method, extra = {}, {}
     for a, block in blocks.items():
         layer = parent.model.layers[a.layer]
         init_method[a.name] = initialize_unit(block, a, layer, acts[a.layer], cfg.init, parent.config)
-    val_init = validation_nmse(blocks, parent, data.val.to(device))
+    val_init = validation_nmse(blocks, parent, data.val.to(device), trace=trace)
     # Channel selection: also measure the other criterion, so the choice is backed by numbers.
     other = "weight_norm" if cfg.init.ffn_channels == "contribution" else "contribution"
     ffn_pruned = {a: b for a, b in blocks.items() if a.sub == "ffn" and a.kind == "mlp"}
-    if ffn_pruned:
+    if ffn_pruned or getattr(trace, "relays", False):  # a pipeline rank runs this pass for the others too
         from ..library.init import init_ffn_pruned
 
         alt_blocks = {}
@@ -265,7 +295,7 @@ def _fresh_state(cfg, parent, data, blocks, names, total_steps, device) -> dict:
             b = build_subblock(parent.config, a).to(device)
             init_ffn_pruned(b, a, parent.model.layers[a.layer], acts[a.layer], cfg.init, method=other)
             alt_blocks[a] = b
-        other_val = validation_nmse(alt_blocks, parent, data.val.to(device))
+        other_val = validation_nmse(alt_blocks, parent, data.val.to(device), trace=trace)
         for a in ffn_pruned:
             extra[a.name] = {
                 f"val_nmse_init_{cfg.init.ffn_channels}": val_init[a],

@@ -40,3 +40,13 @@ def rank_world() -> tuple[int, int]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def reduce_int(value: int, op: str) -> int:
+    """Collective: the "min" or "max" of an int over all ranks (itself on one process)."""
+    if not is_distributed():
+        return int(value)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return int(t.item())
