@@ -2,6 +2,7 @@
 
     puzzlenas convert PARENT OUT [--dtype float32] [--overwrite]
     puzzlenas info CHECKPOINT
+    puzzlenas plan [CONFIG] [--gpus 8 --gpu-memory 80GiB] [--arch llama-3.1-70b]
     puzzlenas bld CONFIG --workdir W [--set key=value ...]
     puzzlenas score CONFIG --workdir W
     puzzlenas costs CONFIG --workdir W [--device h100-sxm]
@@ -41,6 +42,15 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import checkpoint_summary
 
     print(checkpoint_summary(args.checkpoint).format())
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Peak memory per device of every stage, from the parent's shape alone (nothing loaded)."""
+    from .config import load_config
+    from .plan import format_plan, plan_for
+
+    cfg = load_config(args.config, args.set)  # no input check: planning for a parent not on this machine is fine
+    print(format_plan(plan_for(cfg, args.gpus, args.gpu_memory, args.arch), formulas=not args.brief))
 
 
 def _load_cfg(args):
@@ -327,6 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="per-layer table and totals of a DeciLM checkpoint")
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plan", help="peak memory per device of every stage, and whether it fits (nothing loaded)")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("--gpus", type=int, help="devices (default: the CUDA devices here, else 1 CPU with its RAM)")
+    p.add_argument("--gpu-memory", help="memory of each device, e.g. 80GiB (default: this machine's)")
+    p.add_argument("--arch", help="the parent's shape: a folder with config.json or a preset (llama-3.1-8b, -70b, -405b, smollm2)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--brief", action="store_true", help="the table only, without the arithmetic")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="the whole pipeline (data .. report); reruns skip finished stages")
     _stage_arguments(p)

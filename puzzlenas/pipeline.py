@@ -228,6 +228,9 @@ def run_pipeline(cfg: PuzzleConfig, workdir: Path, from_stage: str | None = None
     from .preflight import check_inputs
 
     check_inputs(cfg, workdir, selected)  # every input of every selected stage reachable, before the first starts
+    from .plan import check_run_fits  # and, on a GPU, memory for every stage that will run (puzzlenas plan)
+
+    check_run_fits(cfg, [s for s in selected if s in (from_stage, only) or not stage_done(workdir, s, fps[s])], device)
     for stage in STAGES[: STAGES.index(selected[0])]:
         if not _marker(workdir, stage).is_file():
             raise PuzzleError(f"stage {stage!r} has not run yet in {workdir}; run without --from/--only first")

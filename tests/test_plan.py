@@ -1,0 +1,118 @@
+"""The memory plan: parameter counts against real models, the advice it gives makes a stage fit,
+the CLI, and the run's refusal at its start."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_parent
+
+from puzzlenas.checkpoint import convert_parent
+from puzzlenas.config import config_from_dict, load_config
+from puzzlenas.errors import PuzzleError
+from puzzlenas.plan import PRESETS, GiB, check_run_fits, make_plan, parent_arch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_published_parameter_counts(tmp_path):
+    # Llama-3.1-8B / 70B / 405B as their model cards count them
+    assert parent_arch("llama-3.1-8b").params == 8_030_261_248
+    assert parent_arch("llama-3.1-70b").params == 70_553_706_496
+    assert parent_arch("llama-3.1-405b").params == 405_853_388_800
+    # a folder holding nothing but config.json is enough, and wins over the name
+    folder = tmp_path / "Llama-3.1-8B-Instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**PRESETS["llama-3.1-8b"], "num_hidden_layers": 2}))
+    assert parent_arch(str(folder)).num_hidden_layers == 2
+    assert parent_arch("/models/Llama-3.1-70B-Instruct").num_hidden_layers == 80  # not here: named preset
+    with pytest.raises(PuzzleError, match="no config.json"):
+        parent_arch(str(tmp_path / "unknown-model"))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_parameter_count_equals_a_real_model(tmp_path, family):
+    hf = make_tiny_parent(family)
+    hf.config.save_pretrained(tmp_path)  # config.json only
+    model = convert_parent(hf)
+    assert parent_arch(str(tmp_path)).params == pytest.approx(sum(p.numel() for p in model.parameters()), rel=0.01)
+
+
+def _advised(advice: str) -> list[str]:
+    return re.findall(r"\b((?:gkd|bld|scoring|eval)\.\w+=\d+)", advice)
+
+
+def test_the_advice_makes_the_stage_fit():
+    cfg = load_config(ROOT / "configs" / "llama3_8b_gpu.yaml", ["gkd.batch_size=64", "gkd.grad_accum=2",
+                                                                 "gkd.activation_checkpointing=false",
+                                                                 "scoring.batch_size=16"])
+    arch = parent_arch(cfg.parent)
+    plan = make_plan(cfg, arch, 8, 80 * GiB, "test")
+    for stage in ("gkd", "score"):
+        s = next(x for x in plan.stages if x.stage == stage)
+        assert not plan.fits(s)
+        sets = _advised(plan.advice(s))
+        assert sets, plan.advice(s)
+        fixed = load_config(ROOT / "configs" / "llama3_8b_gpu.yaml",
+                            ["gkd.batch_size=64", "gkd.grad_accum=2", "gkd.activation_checkpointing=false",
+                             "scoring.batch_size=16", *sets])
+        again = make_plan(fixed, arch, 8, 80 * GiB, "test")
+        assert again.fits(next(x for x in again.stages if x.stage == stage)), sets
+        if stage == "gkd":  # the sequences per optimizer step are kept
+            assert fixed.gkd.batch_size * fixed.gkd.grad_accum >= 128
+    # activations grow with the batch; weights and optimizer do not
+    small = make_plan(load_config(ROOT / "configs" / "llama3_8b_gpu.yaml", ["bld.batch_size=2"]), arch, 8, 80 * GiB, "t")
+    big = make_plan(load_config(ROOT / "configs" / "llama3_8b_gpu.yaml", ["bld.batch_size=4"]), arch, 8, 80 * GiB, "t")
+    b1, b2 = (next(x for x in p.stages if x.stage == "bld") for p in (small, big))
+    assert b2.part("activations") == pytest.approx(2 * b1.part("activations"))
+    assert b2.part("optimizer") == b1.part("optimizer") > 0
+
+
+def test_more_devices_for_bld_when_the_weights_do_not_fit():
+    cfg = load_config(ROOT / "configs" / "llama3_70b_node.yaml")
+    plan = make_plan(cfg, parent_arch(cfg.parent), 1, 80 * GiB, "test")
+    bld = next(x for x in plan.stages if x.stage == "bld")
+    advice = plan.advice(bld)
+    need = int(re.search(r"needs (\d+) such devices", advice).group(1))
+    assert need > 1 and "\n" not in advice
+    assert make_plan(cfg, parent_arch(cfg.parent), need, 80 * GiB, "t").fits(
+        next(x for x in make_plan(cfg, parent_arch(cfg.parent), need, 80 * GiB, "t").stages if x.stage == "bld"))
+
+
+def test_the_run_refuses_a_stage_that_does_not_fit_before_any_work():
+    cfg = load_config(ROOT / "configs" / "llama3_8b_gpu.yaml")
+    with pytest.raises(PuzzleError, match=r"memory plan: bld: .* needs \d+ such devices") as info:
+        check_run_fits(cfg, ["data", "bld"], "cuda:0", device_bytes=80 * GiB)
+    assert "\n" not in str(info.value)
+    check_run_fits(cfg, ["search", "report"], "cuda:0", device_bytes=80 * GiB)  # nothing to hold: fits
+    check_run_fits(cfg, ["data"], "cuda:0", device_bytes=80 * GiB)
+    import torch
+
+    check_run_fits(cfg, ["bld"], torch.device("cpu"))  # no check on a CPU (documented)
+
+
+def test_every_shipped_config_plans():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        plan = make_plan(cfg, parent_arch(cfg.parent), 8, 80 * GiB, "test")
+        assert {s.stage for s in plan.stages} == {"data", "bld", "score", "costs", "gkd", "eval"}
+        assert all(s.total > 0 for s in plan.stages)
+    tiny = config_from_dict({"parent": "smollm2"})
+    assert make_plan(tiny, parent_arch("smollm2"), 1, 16 * GiB, "cpu", cuda=False).stages[0].total < 2 * GiB
+
+
+def test_plan_command(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "puzzlenas", "plan", *a], capture_output=True,  # noqa: E731
+                                    text=True, cwd=ROOT)
+    out = run("configs/llama3_8b_gpu.yaml", "--gpus", "8", "--gpu-memory", "80GiB")
+    assert out.returncode == 0, out.stderr
+    for stage in ("data", "bld", "score", "costs", "gkd", "eval"):
+        assert f"| {stage} |" in out.stdout
+    assert "8.03B params" in out.stdout and "the arithmetic" in out.stdout
+    bad = run("configs/llama3_8b_gpu.yaml", "--gpu-memory", "lots")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
