@@ -19,10 +19,10 @@ from pathlib import Path
 
 from .errors import PuzzleError
 
-# stages that load the parent and the distillation data (pipeline.load_context); search and
-# report read only the work directory
+# stages that load the parent, and those that also load the distillation data (pipeline.load_context);
+# search and report read only the work directory
 PARENT_STAGES = {"data", "bld", "score", "costs", "realize", "gkd", "baselines", "eval", "measure"}
-ENGINE_STAGES = {"costs", "eval", "measure"}
+DATA_STAGES = PARENT_STAGES - {"measure"}
 
 
 def check_inputs(cfg, workdir: Path | str, stages: list[str], lm_eval: bool = True) -> None:
@@ -30,8 +30,9 @@ def check_inputs(cfg, workdir: Path | str, stages: list[str], lm_eval: bool = Tr
     stages = set(stages)
     if stages & PARENT_STAGES:
         _check_parent(cfg.parent)
+    if stages & DATA_STAGES:
         _check_data(cfg.data, Path(workdir))
-    measured_costs = "costs" in stages and cfg.costs.device == "auto"
+    measured_costs = "costs" in stages and cfg.costs.device == "auto"  # a roofline estimate times nothing
     if measured_costs or stages & {"eval", "measure"}:
         from .engines import get_engine
 
