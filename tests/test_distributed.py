@@ -121,6 +121,24 @@ def test_sharded_checkpoint_resumes_after_sigkill(gkd_runs):
     assert _max_weight_diff(gkd_runs / "two" / "child", work / "child") < WEIGHT_ATOL
 
 
+def test_activation_checkpointing_trains_the_same_child(tmp_path):
+    """Recomputing each layer in the backward pass changes memory, not results (bit for bit on CPU)."""
+    from puzzlenas import gkd
+    from puzzlenas.checkpoint.io import load_checkpoint
+    from puzzlenas.config import config_from_dict
+
+    make_tiny_parent("llama").save_pretrained(tmp_path / "parent")
+    raw = {"parent": str(tmp_path / "parent"), **GKD_CFG, "gkd": {**GKD_CFG["gkd"], "tokens": 512}}
+    cfg, parent, data = _prepare(tmp_path / "plain", raw)
+    shutil.copytree(tmp_path / "plain", tmp_path / "ckpt")
+    gkd.run(cfg, tmp_path / "plain", parent, data, progress=False)
+    raw["gkd"]["activation_checkpointing"] = True
+    gkd.run(config_from_dict(raw), tmp_path / "ckpt", parent, data, progress=False)
+    a, b = (load_checkpoint(tmp_path / w / "child").state_dict() for w in ("plain", "ckpt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in load_checkpoint(tmp_path / "plain" / "realized" / "solution0").state_dict().items())
+
+
 def test_crafted_dcp_metadata_is_refused_without_running_it(tmp_path):
     """DCP's .metadata is a pickle: one that would call a function is refused, not run."""
     from puzzlenas.training.state import _SafeReader
