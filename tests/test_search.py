@@ -83,6 +83,44 @@ def test_each_diverse_solution_equals_brute_force_given_the_earlier_ones(seed):
             earlier.append(s.choice)
 
 
+def test_layers_with_different_numbers_of_pairs_equal_brute_force():
+    """Layers of 9, 4, 1 and 6 pairs (dominance is computed per group of equal size; choices decode
+    per layer), several diverse solutions, zero gap: each the exact best given the earlier ones."""
+    rng = np.random.default_rng(7)
+    sizes = [9, 4, 1, 6, 9]
+    options = [[(f"a{p}", f"f{p}") for p in range(n)] for n in sizes]
+    damage = [rng.uniform(0, 1, n).round(3).tolist() for n in sizes]
+    costs = {"time": [rng.uniform(1, 5, n).round(2).tolist() for n in sizes]}
+    problem = Problem(options, damage, costs, fixed={"time": 1.0}, budgets={"time": 1.0 + 2.8 * len(sizes)})
+    everything = [list(c) for c in itertools.product(*(range(n) for n in sizes))]
+    feasible = [(evaluate(problem, c)[0], c) for c in everything if evaluate(problem, c)[1]["time"] <= problem.budgets["time"] + 1e-9]
+    earlier: list[list[int]] = []
+    for s in solve(problem, solutions=3, diversity=0.4, mip_gap=0.0):
+        assert all(0 <= p < n for p, n in zip(s.choice, sizes)) and s.pairs == [options[i][p] for i, p in enumerate(s.choice)]
+        allowed = [d for d, c in feasible if all(sum(x != y for x, y in zip(c, e)) >= 2 for e in earlier)]
+        assert math.isclose(s.objective, min(allowed), abs_tol=1e-9)
+        earlier.append(s.choice)
+
+
+def test_pruning_removes_exactly_the_pairs_an_allowed_pair_dominates():
+    from puzzlenas.search.mip import prune_dominated
+
+    problem = random_problem(4, layers=3, per_layer=12)
+    problem.damage = [[round(d, 1) for d in row] for row in problem.damage]  # ties, so the tie rule matters
+    problem.costs["time"] = [[round(c) for c in row] for row in problem.costs["time"]]
+    problem.budgets = {"time": 100.0, "memory": 100.0}
+    taken = [{0, 3}, set(), {5}]
+    _, kept = prune_dominated(problem, taken)
+    for layer in range(3):
+        vec = [(problem.damage[layer][p], problem.costs["time"][layer][p], problem.costs["memory"][layer][p])
+               for p in range(12)]
+        order = sorted(range(12), key=lambda p: (vec[p], p))  # equals: the first in this order may remove the rest
+        want = [q for q in range(12) if not any(
+            p not in taken[layer] and order.index(p) < order.index(q) and all(a <= b for a, b in zip(vec[p], vec[q]))
+            for p in range(12))]
+        assert kept[layer] == want, layer
+
+
 def test_infeasible_budget_names_the_cheapest_reachable():
     problem = random_problem(1)
     cheapest_time = 1.0 + sum(min(row) for row in problem.costs["time"])
