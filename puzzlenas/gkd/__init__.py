@@ -155,6 +155,10 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
     step, history = resumed(state_dir, child, optimizer, total_steps, source_ids, device)
     if step and rank == 0:
         log.info("resuming GKD from step %d/%d", step, total_steps)
+    other = (state_dir / "state.pt") if sharded else states.latest_sharded(state_dir / "sharded")
+    if not step and rank == 0 and other is not None and other.exists():
+        log.warning("not resuming %s: it was written by %s; starting over", other,
+                    "one process" if sharded else "torchrun (resume it with the same torchrun command)")
     amp = autocast(g.dtype, device)
     val_ids = data.val[: cfg.eval.kl_sequences]
     if step == 0:
