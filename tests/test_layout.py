@@ -161,3 +161,23 @@ def test_every_engine_is_one_module_implementing_the_interface():
     for path in (ROOT / "costs").glob("*.py"):
         strings = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)}
         assert not strings & set(ENGINES), f"{path.name} names an engine: {strings & set(ENGINES)}"
+
+
+def test_alternative_alone_formats_and_parses_names():
+    from puzzlenas.library.space import Alternative, CoupledPair
+
+    for alt in [Alternative(7, "ffn", "mlp", 768), Alternative(0, "attention", "gqa", 2),
+                Alternative(12, "attention", "linear"), Alternative(3, "ffn", "no_op")]:
+        assert Alternative.from_name(alt.name) == alt
+    assert Alternative(7, "ffn", "mlp", 768).name == "layer007.ffn.mlp768"
+    assert CoupledPair(Alternative(1, "attention", "no_op"), Alternative(1, "ffn", "mlp", 96)).name == "layer001.pair.no_op+mlp96"
+    # no other module writes a name's `layer007.` prefix itself
+    for path in ROOT.rglob("*.py"):
+        if path == ROOT / "library" / "space.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.JoinedStr) and len(node.values) > 1:
+                first, second = node.values[0], node.values[1]
+                assert not (isinstance(first, ast.Constant) and str(first.value).endswith("layer")
+                            and isinstance(second, ast.FormattedValue) and second.format_spec is not None), \
+                    f"{path.relative_to(ROOT)}:{node.lineno} formats an alternative's name; use Alternative"
