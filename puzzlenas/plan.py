@@ -251,7 +251,7 @@ def _alt_params(arch: Arch, alt) -> int:
     if alt.kind == "no_op":
         return 0
     if alt.kind == "linear":
-        return h * h
+        return h * h + h  # the map and its input norm
     if alt.sub == "attention":
         return 2 * h * arch.q_dim + 2 * h * alt.size * arch.head_dim + h
     return 3 * h * alt.size + h
@@ -446,8 +446,11 @@ def plan_for(cfg: PuzzleConfig, gpus: int | None = None, gpu_memory: str | float
         if gpus is not None and gpus < 1:
             raise PuzzleError(f"--gpus {gpus}: must be at least 1")
         n = gpus or (n if cuda else 1)
-        mem = parse_size(gpu_memory) if gpu_memory is not None else (mem if cuda else 80 * GiB)
-        name, cuda = "as given" if gpu_memory is not None else name, True
+        if gpu_memory is not None:
+            mem, name = parse_size(gpu_memory), "as given"
+        elif not cuda:  # GPUs asked for on a machine without one: their size must be assumed
+            mem, name = 80 * GiB, "80 GiB assumed: no CUDA device here, give --gpu-memory"
+        cuda = True
     return make_plan(cfg, parent_arch(arch or cfg.parent), n, mem, name, cuda)
 
 

