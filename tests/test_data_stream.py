@@ -3,6 +3,8 @@ caches still read, and reading batches does not bring the training set into memo
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,62 @@ def test_prepare_data_serves_the_cache_by_position(tmp_path):
     assert again.fingerprint == first.fingerprint == fingerprint(first.train[:], first.val)
     idx = torch.tensor([5, 0, 17])
     assert torch.equal(first.train[idx], again.train[idx])
+
+
+def _old_prepare(docs, tok, cfg):
+    """What prepare_data did before streaming: every token in memory, cut, shuffled, split."""
+    ids = []
+    for doc in docs:
+        ids.extend(tok(doc, add_special_tokens=False).input_ids)
+        ids.append(tok.eos_token_id)
+        if len(ids) >= (cfg.max_train_sequences + cfg.val_sequences) * cfg.seq_len:
+            break
+    n = len(ids) // cfg.seq_len
+    seqs = torch.tensor(ids[: n * cfg.seq_len]).view(n, cfg.seq_len)[: cfg.max_train_sequences + cfg.val_sequences]
+    seqs = seqs[torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed))]
+    return seqs[cfg.val_sequences :], seqs[: cfg.val_sequences]
+
+
+@pytest.mark.parametrize("block", [None, 200])  # None: files read whole; 200 bytes: the big-file path
+def test_streamed_tokenization_gives_the_old_sequences(tmp_path, monkeypatch, block):
+    from conftest import make_tiny_tokenizer
+
+    import puzzlenas.data as data_mod
+    from puzzlenas.config import DataConfig
+
+    if block:
+        monkeypatch.setattr(data_mod, "BLOCK_BYTES", block)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("".join(f"line {i}: the cat sat on the mat.\n" for i in range(60)))
+    (corpus / "b.jsonl").write_text("".join(json.dumps({"text": f"doc {i} a dog ran"}) + "\n" for i in range(80)))
+    tok = make_tiny_tokenizer()
+    for max_train in (30, 10_000):  # stops early / uses everything
+        cfg = DataConfig(path=str(corpus), seq_len=16, val_sequences=4, max_train_sequences=max_train)
+        got = data_mod.prepare_data(cfg, tok, tmp_path / f"w{max_train}")
+        docs = ["".join(f"line {i}: the cat sat on the mat.\n" for i in range(60))]
+        docs += [f"doc {i} a dog ran" for i in range(80)]
+        want_train, want_val = _old_prepare(docs, tok, cfg)
+        # with blocks the file is tokenized a block at a time: for this per-character tokenizer the same ids
+        assert torch.equal(got.train[:], want_train) and torch.equal(got.val, want_val)
+        assert got.fingerprint == fingerprint(want_train, want_val)
+        assert not list((tmp_path / f"w{max_train}" / "data").glob(".*"))  # no spool left behind
+
+
+def test_a_big_file_is_read_in_blocks_with_errors_naming_the_line(tmp_path, monkeypatch):
+    import puzzlenas.data as data_mod
+
+    monkeypatch.setattr(data_mod, "BLOCK_BYTES", 64)
+    text = "".join(f"row {i} some words here\n" for i in range(40))
+    f = tmp_path / "big.txt"
+    f.write_text(text)
+    blocks = list(data_mod.iter_documents(f))  # pieces of one document, closed by an empty piece
+    assert len(blocks) > 5 and "".join(blocks) == text and all(b.endswith("\n") for b in blocks[:-1])
+    assert blocks[-1] == "" and not isinstance(blocks[-1], data_mod._Continued)
+    f.write_bytes(text.encode() + "caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(PuzzleError, match=r"big.txt:41: not UTF-8"):
+        list(data_mod.iter_documents(f))
+    j = tmp_path / "big.jsonl"
+    j.write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(30)) + "{oops\n")
+    with pytest.raises(PuzzleError, match=r"big.jsonl:31: not a JSON line"):
+        list(data_mod.iter_documents(j))

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import DataConfig
@@ -63,13 +65,63 @@ def read_text_file(f: Path) -> str:
                           f"e.g. iconv -f latin1 -t utf-8") from None
 
 
-def read_documents(path: Path, text_field: str = "text") -> list[str]:
-    docs: list[str] = []
+# A text or JSON-lines file larger than this is read in line-aligned blocks instead of whole, so a
+# corpus larger than RAM streams; smaller files are read (and tokenized) exactly as they always were.
+BLOCK_BYTES = 64 * 2**20
+
+
+class _Continued(str):
+    """A piece of a document that goes on in the next piece: no EOS after it."""
+
+
+def _text_blocks(f: Path):
+    """A big .txt file as line-aligned blocks of about BLOCK_BYTES (each tokenized as its own piece)."""
+    with open(f, "rb") as fh:
+        head = fh.read(1 << 20)
+        if b"\0" in head:
+            raise PuzzleError(f"{f}: a binary file (it holds NUL bytes), not text; give a UTF-8 .txt/.jsonl/.parquet file")
+        fh.seek(0)
+        line, offset, rest = 1, 0, b""
+        while True:
+            block = fh.read(BLOCK_BYTES)
+            if not block and not rest:
+                return
+            data = rest + block
+            cut = data.rfind(b"\n") + 1 if block else len(data)
+            piece, rest = (data[:cut], data[cut:]) if cut > 0 else (data, b"")
+            try:
+                yield piece.decode("utf-8-sig" if offset == 0 else "utf-8")
+            except UnicodeDecodeError as exc:
+                where = line + piece[: exc.start].count(b"\n")
+                raise PuzzleError(f"{f}:{where}: not UTF-8 text (byte 0x{piece[exc.start]:02x} at offset "
+                                  f"{offset + exc.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+            line += piece.count(b"\n")
+            offset += len(piece)
+
+
+def _json_lines(f: Path):
+    """(line number, text) of a .jsonl file; a big one read line by line."""
+    if f.stat().st_size <= BLOCK_BYTES:
+        yield from enumerate(read_text_file(f).splitlines(), 1)
+        return
+    n = 0
+    for block in _text_blocks(f):
+        for line in block.splitlines():
+            n += 1
+            yield n, line
+
+
+def iter_documents(path: Path, text_field: str = "text"):
+    """The documents of a file or folder, in order, one at a time (see BLOCK_BYTES)."""
     for f in _files(path):
         if f.suffix in (".txt", ".raw"):
-            docs.append(read_text_file(f))
+            if f.stat().st_size <= BLOCK_BYTES:
+                yield read_text_file(f)
+            else:  # one document in pieces: the EOS comes after the last (the empty closing piece)
+                yield from (_Continued(piece) for piece in _text_blocks(f))
+                yield ""
         elif f.suffix in (".jsonl", ".json"):
-            for n, line in enumerate(read_text_file(f).splitlines(), 1):
+            for n, line in _json_lines(f):
                 if not line.strip():
                     continue
                 try:
@@ -78,20 +130,24 @@ def read_documents(path: Path, text_field: str = "text") -> list[str]:
                     raise PuzzleError(f"{f}:{n}: not a JSON line") from None
                 if not isinstance(row, dict) or text_field not in row:
                     raise PuzzleError(f"{f}:{n}: no field {text_field!r} (set data.text_field)")
-                docs.append(str(row[text_field]))
+                yield str(row[text_field])
         elif f.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             try:
-                table = pq.read_table(f)
+                table = pq.ParquetFile(f)
             except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
                 raise PuzzleError(f"{f}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
-            if text_field not in table.column_names:
-                raise PuzzleError(f"{f}: no column {text_field!r} (columns: {table.column_names})")
-            docs.extend(str(x) for x in table.column(text_field).to_pylist())
+            if text_field not in table.schema_arrow.names:
+                raise PuzzleError(f"{f}: no column {text_field!r} (columns: {table.schema_arrow.names})")
+            for batch in table.iter_batches(batch_size=4096, columns=[text_field]):
+                yield from (str(x) for x in batch.column(0).to_pylist())
         else:
             raise PuzzleError(f"{f}: unsupported data file type {f.suffix!r} (accepted: {', '.join(TEXT_SUFFIXES)})")
-    return docs
+
+
+def read_documents(path: Path, text_field: str = "text") -> list[str]:
+    return list(iter_documents(path, text_field))
 
 
 def _hub_documents(name: str, text_field: str, limit_chars: int) -> list[str]:
@@ -113,21 +169,28 @@ def _hub_documents(name: str, text_field: str, limit_chars: int) -> list[str]:
     return docs
 
 
-def chunk(token_ids: list[int], seq_len: int) -> torch.Tensor:
-    n = len(token_ids) // seq_len
-    return torch.tensor(token_ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
 def tokenize_documents(docs: list[str], tokenizer, seq_len: int, max_sequences: int) -> torch.Tensor:
+    rows = list(token_rows(docs, tokenizer, seq_len, max_sequences))
+    return torch.from_numpy(np.concatenate(rows)) if rows else torch.empty(0, seq_len, dtype=torch.long)
+
+
+def token_rows(docs, tokenizer, seq_len: int, max_sequences: int):
+    """(k, seq_len) int64 arrays, in order: the documents joined with EOS and cut into sequences,
+    stopping at `max_sequences`. Streams: holds at most one document's tokens and a partial row."""
     eos = tokenizer.eos_token_id
-    ids: list[int] = []
+    buf: list[int] = []
+    made = 0
     for doc in docs:
-        ids.extend(tokenizer(doc, add_special_tokens=False).input_ids)
-        if eos is not None:
-            ids.append(eos)
-        if len(ids) >= max_sequences * seq_len:
-            break
-    return chunk(ids, seq_len)[:max_sequences]
+        buf.extend(tokenizer(doc, add_special_tokens=False).input_ids)
+        if eos is not None and not isinstance(doc, _Continued):
+            buf.append(eos)
+        take = min(len(buf) // seq_len, max_sequences - made)
+        if take:
+            yield np.asarray(buf[: take * seq_len], dtype=np.int64).reshape(take, seq_len)
+            del buf[: take * seq_len]
+            made += take
+        if made >= max_sequences:
+            return
 
 
 @torch.no_grad()
@@ -201,26 +264,42 @@ def prepare_data(cfg: DataConfig, tokenizer, workdir: Path, model=None, model_fi
         if n <= cfg.val_sequences:
             raise PuzzleError(f"data.generate_sequences={n} must exceed data.val_sequences={cfg.val_sequences}")
         sequences = generate_sequences(model, tokenizer, n, cfg.seq_len, cfg.generate_temperature, cfg.seed)
+        rows = [sequences.numpy()]
     else:
         if tokenizer is None:
             raise PuzzleError("the parent has no tokenizer; cannot tokenize data.path")
         path = Path(cfg.path).expanduser()
-        docs = read_documents(path, cfg.text_field) if path.exists() else _hub_documents(
+        docs = iter_documents(path, cfg.text_field) if path.exists() else _hub_documents(
             cfg.path, cfg.text_field, wanted * cfg.seq_len * 8
         )
-        sequences = tokenize_documents(docs, tokenizer, cfg.seq_len, wanted)
-    if len(sequences) <= cfg.val_sequences:
-        raise PuzzleError(
-            f"data from {source} gives only {len(sequences)} sequences of {cfg.seq_len} tokens; "
-            f"need more than data.val_sequences={cfg.val_sequences}"
-        )
-    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(cfg.seed))
-    sequences = sequences[order]
-    train, val = sequences[cfg.val_sequences :], sequences[: cfg.val_sequences]
-    # The data's identity (what the library and scores are keyed to) is its content: the same text
-    # copied elsewhere or touched keeps its libraries; file stamps only decide when to re-tokenize.
-    fp = write_token_cache(cache_file, [train], len(train), cfg.seq_len, val, source, max_id=int(sequences.max()))
-    log.info("data: %d train + %d val sequences of %d tokens from %s", len(train), len(val), cfg.seq_len, source)
-    del sequences, train  # from here on the training set is read from the cache, as on every later run
+        rows = token_rows(docs, tokenizer, cfg.seq_len, wanted)
+    # Tokens go to a spool file as they come, then into the cache in the seeded shuffled order: memory
+    # stays at one chunk whatever the corpus's size.
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    spool = cache_file.with_name(f".{cache_file.name}.spool-{os.getpid()}")
+    try:
+        n, max_id = 0, 0
+        with open(spool, "wb") as f:
+            for chunk_rows in rows:
+                f.write(np.ascontiguousarray(chunk_rows, dtype="<u4").tobytes())
+                n += len(chunk_rows)
+                max_id = max(max_id, int(chunk_rows.max()) if chunk_rows.size else 0)
+        if n <= cfg.val_sequences:
+            raise PuzzleError(
+                f"data from {source} gives only {n} sequences of {cfg.seq_len} tokens; "
+                f"need more than data.val_sequences={cfg.val_sequences}"
+            )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+        spooled = TokenSequences(spool, 0, "U32", (n, cfg.seq_len))
+        val = spooled[order[: cfg.val_sequences]]
+        step = max(1, (64 * 2**20) // spooled.row_bytes)
+        train = (spooled[order[i : i + step]] for i in range(cfg.val_sequences, n, step))
+        # The data's identity (what the library and scores are keyed to) is its content: the same text
+        # copied elsewhere or touched keeps its libraries; file stamps only decide when to re-tokenize.
+        fp = write_token_cache(cache_file, train, n - cfg.val_sequences, cfg.seq_len, val, source, max_id=max_id)
+    finally:
+        spool.unlink(missing_ok=True)
+    log.info("data: %d train + %d val sequences of %d tokens from %s", n - cfg.val_sequences, cfg.val_sequences,
+             cfg.seq_len, source)
     train, val, _ = read_token_cache(cache_file)
     return TokenData(train, val, fp, source)
