@@ -2,10 +2,10 @@
 
     python benchmarks/token_stream.py [--limit 256MiB] [--factor 4] [--seq-len 4096] [--batch 16] [--steps 400]
 
-Writes a cache of `factor x limit` bytes of random Llama-3 token ids (uint32, streamed: the writer
-never holds more than one chunk), then, each in a fresh process whose address space is capped at
-what it has after its imports plus `limit` (RLIMIT_AS, so the cap is hard: a bigger allocation or
-memory map fails):
+Each step in a fresh process whose address space is capped at what it has after its imports plus
+`limit` (RLIMIT_AS, so the cap is hard: a bigger allocation or memory map fails):
+  * write a cache of `factor x limit` bytes of random Llama-3 token ids (uint32, streamed a chunk
+    at a time, as prepare_data does);
   * puzzlenas's reader draws `steps` batches of `batch` random sequences from all of the cache,
     first cold (the file's pages dropped from the page cache with posix_fadvise), then the same
     batches again, warm;
@@ -54,7 +54,17 @@ def worker(args) -> None:
     rss0 = status("VmRSS")
     cap_address_space(args.limit)
     out: dict = {}
-    if args.mode == "load_file":
+    if args.mode == "write":  # the cache itself built under the cap, streamed a chunk at a time
+        from puzzlenas.data.cache import write_token_cache
+
+        n, rng = args.rows, np.random.default_rng(0)
+        chunk = max(1, (16 * 2**20) // (4 * args.seq_len))
+        chunks = (rng.integers(0, 128_256, (min(chunk, n - s), args.seq_len), dtype=np.uint32) for s in range(0, n, chunk))
+        t = time.perf_counter()
+        write_token_cache(path, chunks, n, args.seq_len, np.zeros((4, args.seq_len), dtype=np.int64), "benchmark",
+                          max_id=128_255)
+        out = {"ok": True, "seconds": time.perf_counter() - t}
+    elif args.mode == "load_file":
         from safetensors.torch import load_file
 
         t = time.perf_counter()
@@ -102,42 +112,39 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--dir", default=tempfile.gettempdir())
-    ap.add_argument("--worker", choices=["reader", "load_file"], dest="mode")
+    ap.add_argument("--worker", choices=["write", "reader", "load_file"], dest="mode")
+    ap.add_argument("--rows", type=int, default=0)
     ap.add_argument("--path")
     args = ap.parse_args()
     args.limit = parse_size(args.limit) if isinstance(args.limit, str) else args.limit
     if args.mode:
         return worker(args)
 
-    from puzzlenas.data.cache import write_token_cache
-
     row_bytes = 4 * args.seq_len
     n = int(args.factor * args.limit // row_bytes)
     path = Path(args.dir) / f"token_stream_bench-{os.getpid()}.safetensors"
-    rng = np.random.default_rng(0)
-    chunk = max(1, (64 * 2**20) // row_bytes)
-    t = time.perf_counter()
-    chunks = (rng.integers(0, 128_256, (min(chunk, n - s), args.seq_len), dtype=np.uint32) for s in range(0, n, chunk))
-    write_token_cache(path, chunks, n, args.seq_len, np.zeros((4, args.seq_len), dtype=np.int64), "benchmark",
-                      max_id=128_255)
-    write_s = time.perf_counter() - t
-    size = path.stat().st_size
+    results = {}
     try:
-        results = {}
-        for mode in ("reader", "load_file"):
+        for mode in ("write", "reader", "load_file"):
             cmd = [sys.executable, __file__, "--worker", mode, "--path", str(path), "--limit", str(args.limit),
-                   "--batch", str(args.batch), "--steps", str(args.steps), "--seq-len", str(args.seq_len)]
+                   "--batch", str(args.batch), "--steps", str(args.steps), "--seq-len", str(args.seq_len),
+                   "--rows", str(n)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
             results[mode] = json.loads(lines[-1]) if lines else {"ok": False, "error": f"exit {proc.returncode}: "
                                                                   + (proc.stderr.strip().splitlines() or [""])[-1][:80]}
+            if mode == "write" and not results[mode].get("ok"):
+                raise SystemExit(f"writing the cache failed: {results[mode]}")
+        size = path.stat().st_size
     finally:
         path.unlink(missing_ok=True)
+    w = results["write"]
+    write_s = w["seconds"]
 
     gib = 2**30
-    print(f"cache: {n} sequences x {args.seq_len} tokens, uint32, {size / gib:.2f} GiB on disk "
-          f"(written in {write_s:.1f} s, {size / write_s / 2**20:.0f} MiB/s); reader's cap: imports + "
-          f"{args.limit / 2**20:.0f} MiB of address space ({size / args.limit:.1f}x smaller than the cache)\n")
+    print(f"cache: {n} sequences x {args.seq_len} tokens, uint32, {size / gib:.2f} GiB on disk, written under the "
+          f"same cap in {write_s:.1f} s ({size / write_s / 2**20:.0f} MiB/s, resident memory +{w['rss_growth'] / 2**20:.0f} MiB); "
+          f"cap: imports + {args.limit / 2**20:.0f} MiB of address space ({size / args.limit:.1f}x smaller than the cache)\n")
     print("| reader | batches | per batch, median (min-max) | tokens/s | resident memory growth | result |")
     print("|---|---|---|---|---|---|")
     r = results["reader"]
