@@ -9,7 +9,9 @@
     puzzlenas search CONFIG --workdir W --throughput 1.5x --memory 40GiB --solutions 5
     puzzlenas measure CONFIG --workdir W
     puzzlenas realize CONFIG --workdir W
-    puzzlenas distill CONFIG --workdir W
+    puzzlenas gkd CONFIG --workdir W          (alias: distill)
+    puzzlenas baselines CONFIG --workdir W
+    puzzlenas report CONFIG --workdir W
     puzzlenas eval CHECKPOINT [--parent PARENT] [--config CONFIG] [--workdir W]
     puzzlenas serve CHECKPOINT [--host 127.0.0.1] [--port 8000]
     puzzlenas export CHECKPOINT OUT.gguf [--type q8_0] [--tokenizer PARENT]
@@ -108,21 +110,31 @@ def _export_child_gguf(cfg, workdir):
 
 
 def cmd_bld(args: argparse.Namespace) -> None:
+    import os
+    import time
     from pathlib import Path
 
     import torch.distributed as dist
 
     from . import bld
     from .checkpoint.parent import prepare_parent
-    from .config import save_config
     from .data import prepare_data
     from .training import init_distributed
 
     cfg = _load_cfg(args)
-    init_distributed()  # joins the torchrun group, if any
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # one process: the pipeline's data and bld stages
+        from .library.store import Library
+        from .pipeline import context
+
+        _run_stages(args, cfg, "data", "bld")
+        ctx = context(cfg, Path(args.workdir))
+        print(bld.summary_table(Library(Path(args.workdir) / "library", ctx.parent_fingerprint, ctx.data.fingerprint)))
+        return
+    init_distributed()  # joins the torchrun group
     rank = dist.get_rank() if dist.is_initialized() else 0
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     if rank == 0:
         parent, tokenizer, fp = prepare_parent(cfg.parent, workdir)
         data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
@@ -133,44 +145,66 @@ def cmd_bld(args: argparse.Namespace) -> None:
         data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
     # bld.run moves the parent to the device (with bld.parallel=layers, only this rank's layers)
     library = bld.run(cfg, workdir, parent, data, fp, progress=not args.quiet)
-    if rank == 0:
-        save_config(cfg, workdir / "config.yaml")  # after success: a failed command leaves the last good one
+    if rank == 0:  # the same stage markers as `puzzlenas run`, so later commands and runs build on this
+        from .pipeline import bld_record, data_record, record_stage
+
+        record_stage(cfg, workdir, "data", data_record(data), 0)
+        record_stage(cfg, workdir, "bld", bld_record(cfg, library), time.perf_counter() - t0)
         print(bld.summary_table(library))
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def cmd_score(args: argparse.Namespace) -> None:
+def _run_stages(args: argparse.Namespace, cfg, *stages: str) -> None:
+    """A command's stages through the pipeline: the same functions and stage markers as `run`."""
     from pathlib import Path
 
-    from .pipeline import stage_score
+    from .pipeline import run_pipeline
+
+    for stage, status in run_pipeline(cfg, Path(args.workdir), stages=list(stages), progress=not args.quiet).items():
+        print(f"{stage:<10} {status}")
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
     from .scoring import format_scores
 
-    result = stage_score(_load_cfg(args), Path(args.workdir), progress=not args.quiet)
-    print(format_scores(result))
-
+    _run_stages(args, _load_cfg(args), "score")
+    print(format_scores(json.loads((Path(args.workdir) / "scores" / "replace1.json").read_text())))
 
 def cmd_costs(args: argparse.Namespace) -> None:
+    import json
     from pathlib import Path
 
-    from .pipeline import stage_costs
+    from .pipeline import load_profile
 
     cfg = _load_cfg(args)
     if args.device:
-        cfg.costs.device = args.device
-    profile = stage_costs(cfg, Path(args.workdir), progress=not args.quiet)
+        _set_flag(cfg.costs, "device", args.device, f"--device {args.device}")
+    _run_stages(args, cfg, "costs")
+    profile = load_profile(Path(args.workdir), _profile_name(cfg))
     label = " (estimated)" if profile["estimated"] else " (measured)"
     print(f"cost profile for {profile['device']}{label}: {len(profile['alternatives'])} alternatives, "
-          f"scenario {profile['scenario']}, written to {Path(args.workdir) / 'costs'}")
+          f"scenario {json.dumps(profile['scenario'])}, written to {Path(args.workdir) / 'costs'}")
 
+
+def _profile_name(cfg) -> str:
+    from .costs import profile_name
+    from .utils import pick_device
+
+    return profile_name(cfg, pick_device())
 
 def cmd_search(args: argparse.Namespace) -> None:
+    import json
     from pathlib import Path
 
-    from .pipeline import stage_search
     from .search import format_solutions
 
     cfg = _load_cfg(args)
+    if args.device:  # search on another stored profile (e.g. a roofline preset's): costs.device names it
+        _set_flag(cfg.costs, "device", args.device, f"--device {args.device}")
     if args.throughput is not None:
         _set_flag(cfg.search, "throughput", None if args.throughput == "none" else _factor(args.throughput),
                   f"--throughput {args.throughput}")
@@ -178,9 +212,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         _set_flag(cfg.search, "memory_bytes", _size(args.memory), f"--memory {args.memory}")
     if args.solutions is not None:
         _set_flag(cfg.search, "solutions", args.solutions, f"--solutions {args.solutions}")
-    result = stage_search(cfg, Path(args.workdir), args.device)
-    print(format_solutions(result))
-
+    _run_stages(args, cfg, "search")
+    print(format_solutions(json.loads((Path(args.workdir) / "search" / "solutions.json").read_text())))
 
 def _set_flag(section, field: str, value, flag: str) -> None:
     """Assign a flag's value to a config field; a value the field refuses is one line naming the flag."""
@@ -212,35 +245,47 @@ def cmd_measure(args: argparse.Namespace) -> None:
     print(format_measurements(measure_solutions(_load_cfg(args), Path(args.workdir), args.repeats)))
 
 
-def cmd_realize(args: argparse.Namespace) -> None:
+def cmd_sweep(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from . import realize
-    from .pipeline import load_context, open_library
+    from .sweep import run_sweep
 
-    cfg = _load_cfg(args)
-    workdir = Path(args.workdir)
-    ctx = load_context(cfg, workdir)
-    out = realize.run(cfg, workdir, ctx.parent, open_library(workdir, ctx), ctx.tokenizer)
-    print(f"wrote {out}")
+    run_sweep(_load_cfg(args), Path(args.workdir), args.targets, progress=not args.quiet)
+    print((Path(args.workdir) / "report" / "sweep.md").read_text())
 
+
+def cmd_realize(args: argparse.Namespace) -> None:
+    _run_stages(args, _load_cfg(args), "realize")
+
+
+def cmd_baselines(args: argparse.Namespace) -> None:
+    _run_stages(args, _load_cfg(args), "baselines")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    _run_stages(args, _load_cfg(args), "report")
+    print(f"report: {Path(args.workdir) / 'report' / 'report.md'}")
 
 def cmd_distill(args: argparse.Namespace) -> None:
+    import time
     from pathlib import Path
 
     import torch.distributed as dist
 
-    from . import gkd
-    from .pipeline import load_context
+    from .pipeline import record_stage, run_gkd
     from .training import init_distributed
 
     cfg = _load_cfg(args)
     init_distributed()  # joins the torchrun group, if any
     workdir = Path(args.workdir)
-    ctx = load_context(cfg, workdir)
-    out = gkd.run(cfg, workdir, ctx.parent, ctx.data, ctx.tokenizer, progress=not args.quiet)
+    t0 = time.perf_counter()
+    # the pipeline's gkd stage itself; it needs the realized child, not the upstream stage markers
+    info = run_gkd(cfg, workdir, progress=not args.quiet)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"wrote {out}")
+        record_stage(cfg, workdir, "gkd", info, time.perf_counter() - t0)
+        print(f"wrote {workdir / 'child'}")
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -380,13 +425,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(func=cmd_measure)
 
-    p = sub.add_parser("realize", help="assemble search solution gkd.solution from the library into realized/")
+    p = sub.add_parser("sweep", help="several throughput targets from one library and score set: child and "
+                                     "baselines at each, distilled and evaluated; table and plot in report/")
+    _stage_arguments(p)
+    p.add_argument("--targets", nargs="+", type=_factor, required=True, help="throughput targets, e.g. 1.2 1.5x 2")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("realize", help="assemble search solution gkd.solution (auto: the best measured of them) from the library into realized/")
     _stage_arguments(p)
     p.set_defaults(func=cmd_realize)
 
-    p = sub.add_parser("distill", help="global knowledge distillation of the realized child into child/")
+    # `gkd`, as the stage and its package are named; `distill` is the name it had first
+    p = sub.add_parser("gkd", aliases=["distill"], help="global knowledge distillation of the realized child into child/")
     _stage_arguments(p)
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("baselines", help="width and depth baselines at the search target, distilled like the child")
+    _stage_arguments(p)
+    p.set_defaults(func=cmd_baselines)
+
+    p = sub.add_parser("report", help="report/report.md and the plots, from the work directory's results")
+    _stage_arguments(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="perplexity, KL, agreement, lm-eval accuracy and speed vs the parent")
     p.add_argument("checkpoint", nargs="+", help="checkpoint folder(s) to compare with the parent")
@@ -425,7 +485,8 @@ def _stage_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # commands that write their --workdir: each holds the work directory's lock while it runs
-WRITES_WORKDIR = {"run", "bld", "score", "costs", "search", "measure", "realize", "distill", "eval"}
+WRITES_WORKDIR = {"run", "sweep", "bld", "score", "costs", "search", "measure", "realize", "gkd", "distill", "baselines",
+                  "eval", "report"}
 
 
 def _workdir_lock(args: argparse.Namespace, argv: list[str] | None):

@@ -15,6 +15,7 @@ Stages talk only through these files; `puzzlenas <stage>` runs one of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -57,20 +58,6 @@ def open_library(workdir: Path, ctx: Context):
     return Library(workdir / "library", ctx.parent_fingerprint, ctx.data.fingerprint)
 
 
-def stage_score(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
-    from . import scoring
-
-    ctx = load_context(cfg, workdir)
-    return scoring.run(cfg, workdir, ctx.parent, ctx.data, open_library(workdir, ctx), progress)
-
-
-def stage_costs(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
-    from . import costs
-    from .checkpoint.parent import prepare_parent
-    from .utils import pick_device
-
-    parent, _, _ = prepare_parent(cfg.parent, workdir)
-    return costs.run(cfg, workdir, parent.to(pick_device()), progress)
 
 
 def parent_config(workdir: Path):
@@ -163,6 +150,135 @@ def format_measurements(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- the stages: one function each, (cfg, workdir) -> what its stage marker records -------------
+#
+# `puzzlenas run` runs them in STAGES order and the per-stage commands (bld, score, costs, search,
+# realize, gkd, baselines, report) run the same functions, so a stage does the same work and leaves
+# the same marker whichever way it was started.
+
+_shared: dict | None = None  # while a run holds the parent in memory: its context, by inputs
+
+
+@contextlib.contextmanager
+def shared_context():
+    """Within this block every stage of one process gets the same loaded parent and data (the
+    parent is loaded once per run, not once per stage); outside it each call loads afresh."""
+    global _shared
+    outer = _shared
+    _shared = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
+def context(cfg: PuzzleConfig, workdir: Path) -> Context:
+    """The parent (converted and cached in workdir/parent), its tokenizer and the token data."""
+    key = (str(Path(workdir).resolve()), cfg.parent, cfg.dtype, cfg.data.model_dump_json())
+    if _shared is None:
+        return load_context(cfg, workdir)
+    if key not in _shared:
+        _shared.clear()  # one parent in memory at a time
+        _shared[key] = load_context(cfg, workdir)
+    return _shared[key]
+
+
+def run_data(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
+    return data_record(context(cfg, workdir).data)
+
+
+def data_record(data) -> dict:
+    return {"tokens": int(data.train.numel() + data.val.numel()), "source": data.source}
+
+
+def run_bld(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
+    from . import bld
+
+    c = context(cfg, workdir)
+    hard = _bld_hard_fp(cfg)
+    old = _marker(workdir, "bld")
+    if old.is_file():
+        prev = json.loads(old.read_text()).get("hard")
+        if prev is not None and prev != hard:
+            _set_aside(workdir / "library")  # data or training settings changed: retrain
+    return bld_record(cfg, bld.run(cfg, workdir, c.parent, c.data, c.parent_fingerprint, progress))
+
+
+def bld_record(cfg: PuzzleConfig, library) -> dict:
+    records = library.records().values()
+    return {"hard": _bld_hard_fp(cfg), "tokens": max((r.get("tokens", 0) for r in records), default=0),
+            "blocks_trained": sum(1 for r in records if r.get("file"))}
+
+
+def run_score(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
+    from . import scoring
+
+    c = context(cfg, workdir)
+    result = scoring.run(cfg, workdir, c.parent, c.data, open_library(workdir, c), progress)
+    return {"tokens": result["tokens"]}
+
+
+def run_costs(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
+    from . import costs
+    from .checkpoint.parent import prepare_parent
+    from .utils import pick_device
+
+    if _shared is not None:
+        parent = context(cfg, workdir).parent
+    else:  # alone, costs needs only the parent, not the distillation data
+        parent = prepare_parent(cfg.parent, workdir)[0].to(pick_device())
+    profile = costs.run(cfg, workdir, parent, progress)
+    return {"device": profile["device"]}
+
+
+def run_search(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
+    from .utils import pick_device
+
+    result = stage_search(cfg, workdir, _profile_name(cfg, pick_device()))
+    return {"solutions": len(result["solutions"])}
+
+
+def run_realize(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
+    from . import realize
+    from .realize.selection import chosen_solution
+
+    c = context(cfg, workdir)
+    path = realize.run(cfg, workdir, c.parent, open_library(workdir, c), c.tokenizer, c.data.val)
+    return {"path": str(path), "solution": chosen_solution(cfg, workdir)}
+
+
+def run_gkd(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
+    from . import gkd
+
+    c = context(cfg, workdir)
+    gkd.run(cfg, workdir, c.parent, c.data, c.tokenizer, progress)
+    done = workdir / "gkd" / "done.json"  # rank 0 writes it; under torchrun the other ranks may not see it yet
+    return {"tokens": json.loads(done.read_text())["tokens"]} if done.is_file() else {}
+
+
+def run_baselines(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
+    from .utils import pick_device
+
+    return {"tokens": _run_baselines(cfg, workdir, context(cfg, workdir), pick_device(), progress)}
+
+
+def run_eval(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
+    _run_eval(cfg, workdir, context(cfg, workdir))
+    return {}
+
+
+def run_report(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
+    from . import report
+
+    return {"path": str(report.write_report(workdir))}
+
+
+STAGE_RUNNERS = {"data": run_data, "bld": run_bld, "score": run_score, "costs": run_costs, "search": run_search,
+                 "realize": run_realize, "gkd": run_gkd, "baselines": run_baselines, "eval": run_eval,
+                 "report": run_report}
+assert list(STAGE_RUNNERS) == STAGES
+
+
 # --- the whole pipeline ----------------------------------------------------------------------
 
 
@@ -185,7 +301,9 @@ def stage_fingerprints(cfg: PuzzleConfig, device_name: str) -> dict[str, str]:
     fp["realize"] = fingerprint(fp["search"], cfg.gkd.solution)
     fp["gkd"] = fingerprint(fp["realize"], sec("gkd"))
     fp["baselines"] = fingerprint(fp["score"], fp["costs"], cfg.search.throughput, sec("gkd"))
-    fp["eval"] = fingerprint(fp["gkd"], fp["baselines"], sec("eval"), sec("costs").get("scenario", {}))
+    # where the eval data lies is not what it is: moving the folder does not redo the evaluation
+    eval_inputs = {k: v for k, v in sec("eval").items() if k != "task_data_dir"}
+    fp["eval"] = fingerprint(fp["gkd"], fp["baselines"], eval_inputs, sec("costs").get("scenario", {}))
     fp["report"] = fingerprint(fp["eval"])
     return fp
 
@@ -208,14 +326,17 @@ def _set_aside(path: Path) -> None:
 
 
 def run_pipeline(cfg: PuzzleConfig, workdir: Path, from_stage: str | None = None, only: str | None = None,
-                 progress: bool = True) -> dict:
-    """Every stage in order; finished stages with unchanged inputs are skipped, killed ones resume."""
+                 progress: bool = True, stages: list[str] | None = None) -> dict:
+    """Every stage in order; finished stages with unchanged inputs are skipped, killed ones resume.
+
+    from_stage / only: start at, or run just, that stage, redoing it even when it is done.
+    stages: run these (a command's stages, e.g. data + bld for `puzzlenas bld`), skipping the done ones.
+    """
     import time
 
-    from . import bld, gkd, realize, report, scoring
     from .costs import device_name
-    from .utils import atomic_write_json, pick_device
-    from .workdir import stage_problem, stage_record
+    from .utils import pick_device
+    from .workdir import stage_problem
 
     for name in (from_stage, only):
         if name is not None and name not in STAGES:
@@ -224,7 +345,13 @@ def run_pipeline(cfg: PuzzleConfig, workdir: Path, from_stage: str | None = None
     device = pick_device()
     fps = stage_fingerprints(cfg, device_name(device))
     profile_name, k = _profile_name(cfg, device), cfg.gkd.solution
-    selected = [only] if only else STAGES[STAGES.index(from_stage) :] if from_stage else STAGES
+    for name in stages or []:
+        if name not in STAGES:
+            raise PuzzleError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
+    if stages:
+        selected = [s for s in STAGES if s in stages]
+    else:
+        selected = [only] if only else STAGES[STAGES.index(from_stage) :] if from_stage else STAGES
     from .preflight import check_inputs
 
     check_inputs(cfg, workdir, selected)  # every input of every selected stage reachable, before the first starts
@@ -233,85 +360,52 @@ def run_pipeline(cfg: PuzzleConfig, workdir: Path, from_stage: str | None = None
     check_run_fits(cfg, [s for s in selected if s in (from_stage, only) or not stage_done(workdir, s, fps[s])], device)
     for stage in STAGES[: STAGES.index(selected[0])]:
         if not _marker(workdir, stage).is_file():
-            raise PuzzleError(f"stage {stage!r} has not run yet in {workdir}; run without --from/--only first")
+            command = "bld" if stage == "data" else stage
+            raise PuzzleError(f"stage {stage!r} has not run yet in {workdir}; run `puzzlenas {command}` (or `puzzlenas run`) first")
         problem = stage_problem(workdir, stage, None, k, profile_name)  # its outputs, whatever config made them
         if problem:
             raise PuzzleError(f"stage {stage!r} in {workdir}: {problem}; run without --from/--only to redo it")
-    ctx: Context | None = None
-
-    def context() -> Context:
-        nonlocal ctx
-        if ctx is None:
-            ctx = load_context(cfg, workdir, device)
-        return ctx
-
     summary = {}
-    for stage in selected:
-        forced = stage in (from_stage, only)
-        problem = stage_problem(workdir, stage, fps[stage], k, profile_name, set_aside=not forced)
-        if problem is None and not forced:
-            log.info("stage %-9s done (inputs unchanged)", stage)
-            summary[stage] = "skipped"
-            continue
-        if problem not in (None, "not finished", "inputs changed"):
-            log.warning("stage %s: redoing it: %s", stage, problem)
-        log.info("stage %-9s running", stage)
-        t0 = time.perf_counter()
-        info: dict = {}
-        if stage == "data":
-            c = context()
-            info["tokens"] = int(c.data.train.numel() + c.data.val.numel())
-            info["source"] = c.data.source
-        elif stage == "bld":
-            c = context()
-            old = _marker(workdir, "bld")
-            if old.is_file():
-                prev = json.loads(old.read_text()).get("hard")
-                hard = _bld_hard_fp(cfg, fps)
-                if prev is not None and prev != hard:
-                    _set_aside(workdir / "library")  # data or training settings changed: retrain
-            library = bld.run(cfg, workdir, c.parent, c.data, c.parent_fingerprint, progress)
-            info["hard"] = _bld_hard_fp(cfg, fps)
-            info["tokens"] = max((r.get("tokens", 0) for r in library.records().values()), default=0)
-            info["blocks_trained"] = sum(1 for r in library.records().values() if r.get("file"))
-        elif stage == "score":
-            c = context()
-            result = scoring.run(cfg, workdir, c.parent, c.data, open_library(workdir, c), progress)
-            info["tokens"] = result["tokens"]
-        elif stage == "costs":
-            from . import costs
-
-            profile = costs.run(cfg, workdir, context().parent, progress)
-            info["device"] = profile["device"]
-        elif stage == "search":
-            result = stage_search(cfg, workdir, _profile_name(cfg, device))
-            info["solutions"] = len(result["solutions"])
-        elif stage == "realize":
-            c = context()
-            info["path"] = str(realize.run(cfg, workdir, c.parent, open_library(workdir, c), c.tokenizer))
-        elif stage == "gkd":
-            c = context()
-            gkd.run(cfg, workdir, c.parent, c.data, c.tokenizer, progress)
-            info["tokens"] = json.loads((workdir / "gkd" / "done.json").read_text())["tokens"]
-        elif stage == "baselines":
-            info["tokens"] = _run_baselines(cfg, workdir, context(), device, progress)
-        elif stage == "eval":
-            _run_eval(cfg, workdir, context())
-        elif stage == "report":
-            info["path"] = str(report.write_report(workdir))
-        info.update({"fingerprint": fps[stage], "seconds": round(time.perf_counter() - t0, 1)})
-        info.update(stage_record(workdir, stage, k, profile_name), config=cfg.model_dump(mode="json"))
-        atomic_write_json(_marker(workdir, stage), info)
-        save_config(cfg, workdir / "config.yaml")  # written on success only: a failed run leaves the last good one
-        summary[stage] = f"done in {info['seconds']:.0f} s"
+    with shared_context():  # the parent and data loaded once for all stages of this run
+        for stage in selected:
+            forced = stage in (from_stage, only)
+            problem = stage_problem(workdir, stage, fps[stage], k, profile_name, set_aside=not forced)
+            if problem is None and not forced:
+                log.info("stage %-9s done (inputs unchanged)", stage)
+                summary[stage] = "skipped"
+                continue
+            if problem not in (None, "not finished", "inputs changed"):
+                log.warning("stage %s: redoing it: %s", stage, problem)
+            log.info("stage %-9s running", stage)
+            t0 = time.perf_counter()
+            info = STAGE_RUNNERS[stage](cfg, workdir, progress=progress)
+            info = record_stage(cfg, workdir, stage, info, time.perf_counter() - t0)
+            summary[stage] = f"done in {info['seconds']:.0f} s"
     return summary
 
 
-def _bld_hard_fp(cfg: PuzzleConfig, fps: dict) -> str:
+def record_stage(cfg: PuzzleConfig, workdir: Path, stage: str, info: dict, seconds: float) -> dict:
+    """Mark `stage` finished: its inputs' fingerprint, its outputs' fingerprints, its config. Also
+    for a stage run outside run_pipeline (`puzzlenas bld` under torchrun, on rank 0)."""
+    from .costs import device_name
+    from .utils import atomic_write_json, pick_device
+    from .workdir import stage_record
+
+    device = pick_device()
+    fp = stage_fingerprints(cfg, device_name(device))[stage]
+    info = {**info, "fingerprint": fp, "seconds": round(seconds, 1)}
+    info.update(stage_record(workdir, stage, cfg.gkd.solution, _profile_name(cfg, device)), config=cfg.model_dump(mode="json"))
+    atomic_write_json(_marker(workdir, stage), info)
+    save_config(cfg, workdir / "config.yaml")  # written on success only: a failed run leaves the last good one
+    return info
+
+
+def _bld_hard_fp(cfg: PuzzleConfig) -> str:
     from .utils import fingerprint
 
     d = cfg.model_dump(mode="json", exclude_defaults=True)
-    return fingerprint(fps["data"], d.get("init", {}), d.get("bld", {}))  # the search space only adds blocks
+    data_fp = fingerprint(cfg.parent, d.get("data", {}), cfg.seed)  # = stage_fingerprints(...)["data"]
+    return fingerprint(data_fp, d.get("init", {}), d.get("bld", {}))  # the search space only adds blocks
 
 
 def _profile_name(cfg: PuzzleConfig, device) -> str:
@@ -353,9 +447,10 @@ def _run_baselines(cfg: PuzzleConfig, workdir: Path, ctx: Context, device, progr
 def _run_eval(cfg: PuzzleConfig, workdir: Path, ctx: Context) -> dict:
     from .checkpoint.io import load_checkpoint
     from .evaluate import evaluate_models
+    from .realize.selection import chosen_solution
 
     device = next(ctx.parent.parameters()).device
-    k = cfg.gkd.solution
+    k = chosen_solution(cfg, workdir)
     models = {"parent": ctx.parent}
     candidates = {f"child (solution {k}) before GKD": workdir / "realized" / f"solution{k}", "child": workdir / "child"}
     for name in ("width", "depth"):
