@@ -201,8 +201,9 @@ def test_bld_with_the_parents_layers_split_over_two_ranks_equals_one_rank(bld_on
 
 
 def test_layer_split_bld_resumes_after_sigkill(bld_one):
-    """Killed mid-run, the ranks may have saved different steps: the run resumes from the earliest,
-    the rank ahead relaying until the other catches up, and ends with the same blocks."""
+    """Killed mid-run, then rank 1's state lost too: rank 1 starts over while rank 0 resumes from
+    its saved step, relaying rank 1's initialization passes and the steps it already trained; the
+    run ends with the same blocks as one process."""
     tmp, args = bld_one
     work = tmp / "killed"
     proc = torchrun([*args, "--workdir", str(work)])
@@ -219,8 +220,11 @@ def test_layer_split_bld_resumes_after_sigkill(bld_one):
         time.sleep(0.02)
     proc.communicate()
     assert killed_at is not None and killed_at < 16, "the run ended before it could be killed midway"
+    rank0 = torch.load(state.with_name("rank0-of2-layers.pt"), weights_only=True)["step"]
+    state.unlink()
+    assert rank0 >= 4  # rank 0 runs ahead of rank 1, which waits on its activations
     out = finish(torchrun([*args, "--workdir", str(work)]))
-    assert "resuming BLD from step" in out
+    assert f"resuming BLD from step {rank0}/16" in out
     _assert_same_library(tmp / "one", work, atol=0)
 
 

@@ -189,7 +189,8 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
         else:
             state["names"] = names
     fresh = state is None and bool(mine)
-    if pipeline is not None and not fresh and reduce_int(fresh, "max"):
+    others_fresh = pipeline is not None and reduce_int(fresh, "max")  # collective: every rank asks
+    if others_fresh and not fresh:
         _fresh_state(cfg, parent, data, {}, [], total_steps, device, trace)  # the others initialize: relay
     if fresh:
         state = _fresh_state(cfg, parent, data, blocks, names, total_steps, device, trace)
