@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -201,7 +201,9 @@ class GKDConfig(_TrainingSection):
     child is sharded with FSDP2; `teacher: shard` shards the parent too, `replicate` keeps a whole
     copy per rank."""
 
-    solution: int = Field(0, ge=0)  # which search solution to realize
+    # which search solution to realize: a rank, or auto: the one with the lowest KL to the parent
+    # measured on held-out text before GKD (realize/selection.py)
+    solution: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     tokens: int = Field(262144, gt=0)
     batch_size: int = Field(8, gt=0)  # global: split across torchrun ranks
     grad_accum: int = Field(1, gt=0)
@@ -215,6 +217,13 @@ class GKDConfig(_TrainingSection):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     val_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(50, gt=0)
+
+    @field_validator("solution", mode="before")
+    @classmethod
+    def _solution(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError(f"{v!r} is neither a solution rank (0, 1, ...) nor auto")
 
 
 class EvalConfig(Section):

@@ -215,11 +215,17 @@ STAGE_DEPS = {"data": [], "bld": ["data"], "score": ["bld"], "costs": [], "searc
               "eval": ["realize", "gkd", "baselines"], "report": ["search", "baselines", "eval"]}
 
 
-def stage_outputs(workdir: Path, stage: str, solution: int, profile: str) -> list[str]:
+def stage_outputs(workdir: Path, stage: str, solution: int | str, profile: str) -> list[str]:
     """The files and folders (relative to `workdir`) that a finished stage must have left.
 
     `data` has none to check: the parent cache and token files are rebuilt whenever missing, and
-    everything downstream is keyed to the data's content."""
+    everything downstream is keyed to the data's content. `solution` "auto": the realized child is
+    the one search/selection.json chose, and the selection is an output of realize too."""
+    if stage == "realize" and solution == "auto":
+        out = ["search/selection.json"]
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            out.append(f"realized/solution{int(json.loads((workdir / out[0]).read_text())['chosen'])}")
+        return out
     if stage == "bld":
         out = ["library/index.json"]
         with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -302,13 +308,13 @@ def _read_marker(workdir: Path, stage: str) -> dict | None:
         return None
 
 
-def stage_record(workdir: Path, stage: str, solution: int, profile: str) -> dict:
+def stage_record(workdir: Path, stage: str, solution: int | str, profile: str) -> dict:
     """What a stage's marker records besides its input fingerprint: its outputs and its upstream's."""
     return {"outputs": {rel: output_fingerprint(workdir, rel) for rel in stage_outputs(workdir, stage, solution, profile)},
             "upstream": {d: _outputs_id(_read_marker(workdir, d)) for d in STAGE_DEPS[stage]}}
 
 
-def stage_problem(workdir: Path, stage: str, fingerprint: str | None, solution: int, profile: str,
+def stage_problem(workdir: Path, stage: str, fingerprint: str | None, solution: int | str, profile: str,
                   set_aside: bool = False) -> str | None:
     """Why `stage` must (re)run: not finished, inputs changed, outputs missing or changed, or an
     upstream stage's outputs changed since it ran. None when it is done and intact. `fingerprint`

@@ -109,8 +109,10 @@ def _read_done(path: Path) -> dict:
 
 def run(cfg, workdir: str | Path, parent, data, tokenizer=None, progress: bool = True) -> Path:
     """Distill workdir/realized/solution<k> into workdir/child; resumes after a kill."""
+    from ..realize.selection import chosen_solution
+
     workdir = Path(workdir)
-    source = workdir / "realized" / f"solution{cfg.gkd.solution}"
+    source = workdir / "realized" / f"solution{chosen_solution(cfg, workdir)}"
     return distill(cfg, source, workdir / "child", workdir / "gkd", parent, data, tokenizer, progress)
 
 

@@ -95,20 +95,27 @@ def choices_from_solution(solution: dict) -> list[LayerChoice]:
     return [(Alternative.from_name(x["attention"]), Alternative.from_name(x["ffn"])) for x in solution["layers"]]
 
 
-def run(cfg, workdir, parent, library: Library, tokenizer=None):
-    """Assemble search solution `cfg.gkd.solution` from the library and save it as a checkpoint in
-    workdir/realized/solution<k>/ (the child before global distillation)."""
+def run(cfg, workdir, parent, library: Library, tokenizer=None, val=None):
+    """Assemble the chosen search solution from the library and save it as a checkpoint in
+    workdir/realized/solution<k>/ (the child before global distillation). gkd.solution: auto
+    first measures every solution's child on held-out text (`val`: the data's validation
+    sequences) and chooses the best (selection.py)."""
     import json
     from pathlib import Path
 
     from ..checkpoint.io import save_checkpoint
+    from .selection import chosen_solution, select
 
     workdir = Path(workdir)
     solutions_file = workdir / "search" / "solutions.json"
     if not solutions_file.is_file():
         raise PuzzleError(f"{solutions_file} not found; run `puzzlenas search` first")
     solutions = json.loads(solutions_file.read_text())["solutions"]
-    k = cfg.gkd.solution
+    if cfg.gkd.solution == "auto":
+        if val is None:
+            raise PuzzleError("gkd.solution=auto needs the validation sequences to measure the candidates")
+        select(cfg, workdir, parent, lambda s: assemble_child(parent, choices_from_solution(s), library), val, tokenizer)
+    k = chosen_solution(cfg, workdir)
     if k >= len(solutions):
         raise PuzzleError(f"gkd.solution={k} but the search found {len(solutions)} solution(s)")
     child = assemble_child(parent, choices_from_solution(solutions[k]), library)

@@ -90,6 +90,27 @@ def quality_speed_figure(solutions: dict, baselines: dict, results: dict | None,
     return out
 
 
+def selection_section(selection: dict) -> list[str]:
+    """Markdown lines: every candidate's predicted score and measured KL, and which was chosen."""
+    from ..realize.selection import format_selection
+
+    src = selection["sources"]
+    used = [f"{name}: {s['what']}" + (" (also used by eval)" if s.get("overlaps_eval") else "")
+            for name, s in src.items() if "unavailable" not in s]
+    lines = ["## Selection among the diverse solutions", "",
+             f"Solution {selection['chosen']} chosen: {selection['reason']}.", ""]
+    lines += [f"- {u}" for u in used]
+    if selection.get("domain_only"):
+        lines.append(f"- WikiText-2 not used ({src['wikitext2']['unavailable']}): chosen on domain text only")
+    return lines + ["", format_selection(selection), ""]
+
+
+def sweep_section(sweep_md: str) -> list[str]:
+    """Markdown lines: the Pareto sweep's table and plot, as `puzzlenas sweep` wrote them."""
+    body = sweep_md.split("\n", 1)[1] if sweep_md.startswith("# ") else sweep_md  # its own title goes
+    return ["## Pareto sweep", "", body.strip(), ""]
+
+
 def write_report(workdir: str | Path) -> Path:
     workdir = Path(workdir)
     out = workdir / "report"
@@ -99,6 +120,9 @@ def write_report(workdir: str | Path) -> Path:
     results = _load(workdir / "eval" / "results.json")
     baselines = {p.parent.name: _load(p) for p in sorted((workdir / "baselines").glob("*/solution.json"))}
     stages = {p.stem: _load(p) for p in sorted((workdir / "stages").glob("*.json"))}
+    selection = _load(workdir / "search" / "selection.json")
+    # written by `puzzlenas sweep`; sweep.json last, so its presence means the table is complete
+    sweep = (out / "sweep.md").read_text() if (out / "sweep.json").is_file() and (out / "sweep.md").is_file() else None
     md = ["# puzzlenas run report", ""]
     md += ["## Configuration and hardware", "",
            f"- parent: `{cfg.get('parent')}`; work directory: `{workdir}`",
@@ -112,11 +136,15 @@ def write_report(workdir: str | Path) -> Path:
     images = []
     if solutions and solutions["solutions"]:
         k = cfg.get("gkd", {}).get("solution", 0)
-        chosen = solutions["solutions"][min(k, len(solutions["solutions"]) - 1)]
+        if selection and (k == "auto" or not isinstance(k, int)):
+            k = selection["chosen"]  # gkd.solution: auto, resolved by the realize stage
+        chosen = solutions["solutions"][min(int(k) if isinstance(k, int) else 0, len(solutions["solutions"]) - 1)]
         images.append(architecture_figure(chosen, out / "architecture.png", f"chosen child: solution {chosen['rank']}"))
         md += ["## Chosen child", "", f"Solution {chosen['rank']}: predicted speed-up {chosen['predicted_speedup']:.2f}x, "
                f"{chosen['params'] / 1e6:.1f} M parameters, summed {solutions['metric']} {chosen['damage']:.4f}.", "",
                "![architecture](architecture.png)", ""]
+        if selection:
+            md += selection_section(selection)
         images.append(quality_speed_figure(solutions, baselines, results, out / "quality_vs_speed.png"))
         md += ["## Quality vs speed", "", "![quality vs speed](quality_vs_speed.png)", "",
                "| candidate | predicted speed-up | summed damage | params (M) |", "|---|---|---|---|"]
@@ -142,6 +170,8 @@ def write_report(workdir: str | Path) -> Path:
             if name in predicted and predicted[name] is not None:
                 md.append(f"| {name} | {predicted[name]:.2f}x | {r['speed']['total_speedup']:.2f}x |")
         md.append("")
+    if sweep:
+        md += sweep_section(sweep)
     if stages:
         md += ["## Time and tokens per stage", "", "| stage | wall time (s) | tokens |", "|---|---|---|"]
         from ..stages import STAGES

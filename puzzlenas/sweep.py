@@ -1,0 +1,170 @@
+"""A Pareto sweep: several throughput targets from one library and one score set.
+
+    puzzlenas sweep CONFIG --targets 1.2 1.5 2.0 --workdir W
+
+data, bld, score and costs run once in W (skipped when done, as in `run`). Each target then gets
+its own work directory W/sweep/<t>x/ whose parent/, data/, library/, scores/ and costs/ are links
+to W's and whose stage markers of those four stages are copies of W's, so its pipeline starts at
+search and never trains a block: search, realize (with selection), gkd, baselines, eval and
+report, each skipped when done, so a killed sweep resumes where it stopped. Every child and
+baseline is distilled with the same gkd section (the same token budget).
+
+Writes W/report/sweep.json, sweep.md (per target: child, width and depth baselines with KL,
+WikiText-2 perplexity, mean accuracy and measured speed-up with its min-max) and sweep.png
+(quality against measured speed, all targets); `puzzlenas report` on W shows them too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from .config import PuzzleConfig
+from .errors import PuzzleError
+from .utils import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SHARED = ("data", "bld", "score", "costs")  # run once in W; the targets only read their outputs
+SHARED_PATHS = ("parent", "data", "library", "scores", "costs")
+PER_TARGET = ["search", "realize", "gkd", "baselines", "eval", "report"]
+MODELS = {"child": "child", "width": "width baseline", "depth": "depth baseline"}  # row -> name in eval results
+
+
+def target_dir(workdir: Path, target: float) -> Path:
+    return Path(workdir) / "sweep" / f"{target:g}x"
+
+
+def link_shared(workdir: Path, sub: Path) -> None:
+    """Make `sub` read W's upstream artifacts: relative links to its folders, copies of its markers."""
+    sub.mkdir(parents=True, exist_ok=True)
+    for name in SHARED_PATHS:
+        link, source = sub / name, workdir / name
+        if not source.exists():
+            continue
+        rel = os.path.relpath(source, sub)
+        if link.is_symlink() and os.readlink(link) == rel:
+            continue
+        if link.exists() or link.is_symlink():  # something else in its place: never train or copy beside it
+            raise PuzzleError(f"{link} exists and is not a link to {source}; move it away to rerun the sweep")
+        link.symlink_to(rel, target_is_directory=True)
+    for stage in SHARED:
+        marker = workdir / "stages" / f"{stage}.json"
+        if not marker.is_file():
+            raise PuzzleError(f"stage {stage!r} has not finished in {workdir}")
+        (sub / "stages").mkdir(exist_ok=True)
+        atomic_write_json(sub / "stages" / f"{stage}.json", json.loads(marker.read_text()))
+
+
+def run_sweep(cfg: PuzzleConfig, workdir: str | Path, targets: list[float], progress: bool = True) -> dict:
+    """The shared stages once, every target's stages in its folder, then the combined table and plot."""
+    from .pipeline import run_pipeline
+
+    workdir = Path(workdir)
+    if not targets:
+        raise PuzzleError("sweep: give at least one target (--targets 1.2 1.5 2.0)")
+    if any(t <= 0 for t in targets) or len(set(targets)) != len(targets):
+        raise PuzzleError(f"sweep: targets must be distinct and positive (got {', '.join(f'{t:g}' for t in targets)})")
+    for stage, status in run_pipeline(cfg, workdir, stages=list(SHARED), progress=progress).items():
+        log.info("sweep: %-9s %s", stage, status)
+    rows = {}
+    for t in targets:
+        sub = target_dir(workdir, t)
+        link_shared(workdir, sub)
+        cfg_t = cfg.model_copy(deep=True)
+        cfg_t.search = cfg_t.search.model_copy(update={"throughput": float(t)})
+        log.info("sweep: target %gx in %s", t, sub)
+        for stage, status in run_pipeline(cfg_t, sub, stages=PER_TARGET, progress=progress).items():
+            log.info("sweep %gx: %-9s %s", t, stage, status)
+        rows[f"{t:g}x"] = target_rows(sub)
+    sweep = {"targets": [float(t) for t in targets], "engine": cfg.target.engine, "gkd_tokens": cfg.gkd.tokens,
+             "rows": rows}
+    out = workdir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_figure(sweep, out / "sweep.png")
+    atomic_write_text(out / "sweep.md", "# Pareto sweep\n\n![sweep](sweep.png)\n\n" + format_sweep(sweep) + "\n")
+    atomic_write_json(out / "sweep.json", sweep)  # last: its presence means the table and plot are complete
+    return sweep
+
+
+def target_rows(sub: Path) -> dict:
+    """Per model of one target: KL, WikiText-2 perplexity, mean accuracy and measured speed-up."""
+    results = json.loads((sub / "eval" / "results.json").read_text())
+    solutions = json.loads((sub / "search" / "solutions.json").read_text())
+    selection_file = sub / "search" / "selection.json"
+    chosen = json.loads(selection_file.read_text())["chosen"] if selection_file.is_file() else None
+    rows = {}
+    for row, name in MODELS.items():
+        r = results["models"].get(name)
+        if r is None:  # a baseline that cannot reach the target
+            solution_file = sub / "baselines" / row / "solution.json"
+            why = json.loads(solution_file.read_text()).get("infeasible") if solution_file.is_file() else None
+            rows[row] = {"missing": why or "not evaluated"}
+            continue
+        accs = [s[m] for s in r.get("tasks", {}).values() for m in [_primary(s)] if m is not None]
+        spread = r["speed"].get("spread", {}).get("total", {})
+        rows[row] = {"kl": r["kl"], "agreement": r["agreement"], "wikitext2_ppl": r["wikitext2"]["perplexity"],
+                     "mean_accuracy": sum(accs) / len(accs) if accs else None, "params": r.get("params"),
+                     "speedup": r["speed"]["total_speedup"], "speedup_min": spread.get("min"),
+                     "speedup_max": spread.get("max")}
+    rows["child"]["solution"] = chosen
+    rows["child"]["predicted_speedup"] = solutions["solutions"][chosen or 0]["predicted_speedup"] if "kl" in rows[
+        "child"] else None
+    return rows
+
+
+def _primary(scores: dict):
+    from .evaluate import primary_metric
+
+    return primary_metric(scores)
+
+
+def format_sweep(sweep: dict) -> str:
+    lines = ["| target | model | KL | WikiText-2 ppl | mean accuracy | measured speed-up (min-max) |",
+             "|---|---|---|---|---|---|"]
+    for target, rows in sweep["rows"].items():
+        for row, r in rows.items():
+            if "missing" in r:
+                lines.append(f"| {target} | {row} | not reachable: {r['missing']} | | | |")
+                continue
+            acc = "n/a" if r["mean_accuracy"] is None else f"{r['mean_accuracy']:.3f}"
+            spread = (f" ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})" if r.get("speedup_min") is not None else "")
+            label = f"child (solution {r['solution']})" if row == "child" and r.get("solution") is not None else row
+            lines.append(f"| {target} | {label} | {r['kl']:.4f} | {r['wikitext2_ppl']:.2f} | {acc} | "
+                         f"{r['speedup']:.2f}x{spread} |")
+    lines += ["", f"Every model distilled with gkd.tokens={sweep['gkd_tokens']}; speed-ups measured in "
+              f"{sweep['engine']} against the parent in each target's own eval run (median of per-round ratios)."]
+    return "\n".join(lines)
+
+
+def sweep_figure(sweep: dict, out: Path) -> Path:
+    """KL and WikiText-2 perplexity against measured speed-up: one point per target and model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"child": "o", "width": "s", "depth": "^"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "kl", "KL to parent (held-out)"), (axes[1], "wikitext2_ppl", "WikiText-2 ppl")):
+        for row, marker in markers.items():
+            pts = [(r[row]["speedup"], r[row][key], t) for t, r in sweep["rows"].items() if "kl" in r.get(row, {})]
+            if not pts:
+                continue
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=row)
+            for x, y, t in pts:
+                ax.annotate(t, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("measured speed-up (scenario)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    axes[0].set_title("quality vs measured speed, all targets")
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+

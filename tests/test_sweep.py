@@ -1,0 +1,65 @@
+"""`puzzlenas sweep`: several targets from one library and one score set, child and both baselines at
+each, one table and one plot; a second target trains nothing and a rerun redoes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import test_faults
+import yaml
+from conftest import make_tiny_parent, make_tiny_tokenizer
+
+from puzzlenas.cli import main
+
+
+def shared_state(work: Path) -> dict[str, tuple[int, int]]:
+    """Every file of the shared upstream artifacts and markers: (mtime_ns, size)."""
+    out = {}
+    for rel in ("library", "scores", "costs", "data", "stages/data.json", "stages/bld.json", "stages/score.json",
+                "stages/costs.json"):
+        path = work / rel
+        for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            out[str(f.relative_to(work))] = (f.stat().st_mtime_ns, f.stat().st_size)
+    return out
+
+
+def test_sweep_reuses_library_and_scores(tmp_path):
+    make_tiny_parent("llama").save_pretrained(tmp_path / "parent")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "parent")
+    raw = test_faults.fault_config(tmp_path / "parent")
+    raw["search"] = {"solutions": 2, "diversity": 0.5}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    work = tmp_path / "work"
+    args = ["sweep", str(tmp_path / "cfg.yaml"), "--workdir", str(work), "--quiet", "--targets"]
+
+    assert main([*args, "1.2"]) == 0
+    before = shared_state(work)
+    assert any(k.startswith("library/blocks/") for k in before)
+    assert main([*args, "1.2", "1.5x"]) == 0  # the first target is done; the second reads W's library
+    assert shared_state(work) == before  # no block trained, scored or costed again
+    for t in ("1.2x", "1.5x"):
+        sub = work / "sweep" / t
+        assert (sub / "library").is_symlink() and (sub / "scores").is_symlink()
+        cfg = yaml.safe_load((sub / "config.yaml").read_text())
+        assert cfg["search"]["throughput"] == float(t[:-1])
+        assert (sub / "search" / "selection.json").is_file() and (sub / "eval" / "results.json").is_file()
+        assert not list(sub.glob("stages/bld*")) or json.loads((sub / "stages" / "bld.json").read_text()) == \
+            json.loads((work / "stages" / "bld.json").read_text())
+    sweep = json.loads((work / "report" / "sweep.json").read_text())
+    assert sweep["targets"] == [1.2, 1.5] and list(sweep["rows"]) == ["1.2x", "1.5x"]
+    for t, rows in sweep["rows"].items():
+        results = json.loads((work / "sweep" / t / "eval" / "results.json").read_text())["models"]
+        assert rows["child"]["kl"] == results["child"]["kl"]
+        assert rows["child"]["speedup"] == results["child"]["speed"]["total_speedup"]
+        for name in ("width", "depth"):
+            assert ("kl" in rows[name]) == (f"{name} baseline" in results)
+    table = (work / "report" / "sweep.md").read_text()
+    assert "| 1.2x | child" in table and "| 1.5x | child" in table
+    assert (work / "report" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+    # everything done: a rerun of the sweep redoes no stage of any target
+    markers = {p: p.stat().st_mtime_ns for p in sorted(work.glob("sweep/*/stages/*.json"))
+               if p.stem not in ("data", "bld", "score", "costs")}
+    assert main([*args, "1.2", "1.5"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers
