@@ -333,9 +333,10 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
     s = StagePlan("score", "1 device, whole parent")
     s.items.append(Item("weights", "parent", W, f"{P / 1e9:.2f}B x {bw} B"))
     traced = 4 * L * S * h * bw
-    logits = S * V * (bw + 4 + 4)
+    logits = S * V * (2 * bw + 16)  # both models' logits, their fp32 log-probs, the KL terms
     s.items.append(Item("activations", "traced parent (4 per layer)", B * traced, f"4 x {L} layers x {B} seq x {S} tok x {h} x {bw} B"))
-    s.items.append(Item("activations", "logits, parent + child log-probs", B * logits, f"{B} seq x {S} tok x {V} x ({bw} + 4 + 4) B"))
+    s.items.append(Item("activations", "logits, log-probs, KL of two models", B * logits,
+                        f"{B} seq x {S} tok x {V} x (2x{bw} + 16) B"))
     s.batch = ("scoring.batch_size", B, traced + logits)
     stages.append(s)
 
@@ -372,7 +373,9 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
                         f"{1 + shard_t} model(s) x 2 layers in flight x {arch.layer_params / 1e6:.0f}M x {gb} B"))
     width = 4 * h + 2 * arch.q_dim + 2 * arch.kv_dim + 3 * arch.intermediate_size  # one layer's saved values per token
     teacher_h = L * S * h * gb  # every layer's teacher hidden state (the cosine loss)
-    lg = S * V * (gb + 4 + 4 + 4)
+    # both models' logits, then six fp32 buffers per element: two log-softmaxes, the KL's terms and
+    # exp, their gradients. Measured on a CPU in fp32: 30.6 B per element against 32 here.
+    lg = S * V * (2 * gb + 24)
     if ckpt_on:
         acts = L * S * h * gb + S * gb * width
         s.items.append(Item("activations", "checkpoints, 1 layer recomputed, teacher h",
@@ -382,8 +385,8 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
         acts = L * S * gb * width
         s.items.append(Item("activations", "all layers' saved values, teacher h", B * (acts + teacher_h),
                             f"{B} seq x {S} tok x {gb} B x ({L} x {width} + {L} x {h})"))
-    s.items.append(Item("activations", "logits: student, log-probs, teacher, grad", B * lg,
-                        f"{B} seq x {S} tok x {V} x ({gb}+4+4+4) B"))
+    s.items.append(Item("activations", "logits, log-probs, KL and grads", B * lg,
+                        f"{B} seq x {S} tok x {V} x (2x{gb} + 24) B"))
     s.batch = ("gkd.batch_size", B, acts + teacher_h + lg)
     stages.append(s)
 
@@ -394,9 +397,9 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
     s.items.append(Item("weights", "parent + children", W + n_children * child * bw,
                         f"{P / 1e9:.2f}B x {bw} B + {n_children} x {child / 1e9:.2f}B x {bw} B"))
     T_ = max(e.ppl_context, S)
-    lg = T_ * V * (2 * bw + 8)
+    lg = T_ * V * (2 * bw + 16)
     s.items.append(Item("activations", "logits + log-probs of two models", e.batch_size * lg,
-                        f"{e.batch_size} seq x {T_} tok x {V} x (2x{bw} + 8) B"))
+                        f"{e.batch_size} seq x {T_} tok x {V} x (2x{bw} + 16) B"))
     s.batch = ("eval.batch_size", e.batch_size, lg)
     stages.append(s)
     return Plan(arch, N, device_bytes, device_name, stages, cfg)
