@@ -11,7 +11,7 @@ baseline is distilled with the same gkd section (the same token budget).
 
 Writes W/report/sweep.json, sweep.md (per target: child, width and depth baselines with KL,
 WikiText-2 perplexity, mean accuracy and measured speed-up with its min-max) and sweep.png
-(quality against measured speed, all targets); `puzzlenas report` on W shows them too.
+(quality against measured speed, all targets), and W/report/report.md with them.
 """
 
 from __future__ import annotations
@@ -85,7 +85,10 @@ def run_sweep(cfg: PuzzleConfig, workdir: str | Path, targets: list[float], prog
     out.mkdir(parents=True, exist_ok=True)
     sweep_figure(sweep, out / "sweep.png")
     atomic_write_text(out / "sweep.md", "# Pareto sweep\n\n![sweep](sweep.png)\n\n" + format_sweep(sweep) + "\n")
-    atomic_write_json(out / "sweep.json", sweep)  # last: its presence means the table and plot are complete
+    atomic_write_json(out / "sweep.json", sweep)  # its presence means the table and plot are complete
+    from .report import write_report
+
+    write_report(workdir)  # W's report: the sweep section (W has no search or eval of its own)
     return sweep
 
 

@@ -100,3 +100,31 @@ def test_measured_order_wins_over_predicted_order(realized, tmp_path):
     (work2 / "search" / "solutions.json").write_text(json.dumps(solutions))
     with pytest.raises(PuzzleError, match="earlier search result"):
         chosen_solution(cfg, work2)
+
+
+def test_killed_selection_resumes_after_the_last_measured_candidate(realized, tmp_path, monkeypatch):
+    import shutil
+
+    from puzzlenas.realize import selection as sel
+
+    cfg, work = realized
+    work2 = tmp_path / "work"
+    shutil.copytree(work, work2, symlinks=True)
+    reference = json.loads((work2 / "search" / "selection.json").read_text())
+    measure, calls = sel.measure, []
+
+    def killed_at_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a kill while the second candidate is measured
+        return measure(*args)
+
+    monkeypatch.setattr(sel, "measure", killed_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_realize(cfg, work2, progress=False)
+    assert list(json.loads((work2 / "search" / "selection.partial.json").read_text())["candidates"]) == ["0"]
+    calls.clear()
+    monkeypatch.setattr(sel, "measure", lambda *a: (calls.append(1), measure(*a))[1])
+    run_realize(cfg, work2, progress=False)
+    assert len(calls) == 2  # solutions 1 and 2 only
+    assert json.loads((work2 / "search" / "selection.json").read_text()) == reference

@@ -57,6 +57,8 @@ def test_sweep_reuses_library_and_scores(tmp_path):
     table = (work / "report" / "sweep.md").read_text()
     assert "| 1.2x | child" in table and "| 1.5x | child" in table
     assert (work / "report" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Pareto sweep" in (work / "report" / "report.md").read_text()
+    assert "## Selection among the diverse solutions" in (work / "sweep" / "1.5x" / "report" / "report.md").read_text()
 
     # everything done: a rerun of the sweep redoes no stage of any target
     markers = {p: p.stat().st_mtime_ns for p in sorted(work.glob("sweep/*/stages/*.json"))

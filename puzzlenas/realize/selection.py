@@ -171,7 +171,7 @@ def format_selection(selection: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in selection["candidates"]:
         mark = " (chosen)" if c["rank"] == selection["chosen"] else ""
-        row = [f"{c['rank']}{mark}", f"{c['predicted_speedup']:.2f}x", f"{c['damage']:.4f}"]
+        row = [f"{c['rank']}{mark}", f"{c['predicted_speedup']:.2f}x", f"{c['damage']:.4g}"]
         row += [f"{c['kl'][n]:.4g}" for n in names] + [f"{c['kl']['mixed']:.4g}", f"{c['agreement']['mixed']:.3f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
