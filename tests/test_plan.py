@@ -142,3 +142,50 @@ def test_trained_parameters_equal_the_modules_bld_builds(tmp_path):
     assert {a.kind for a in alts} >= {"gqa", "mlp", "linear"}
     for a in alts:
         assert _alt_params(arch, a) == sum(p.numel() for p in build_unit(config, a).parameters()), a.name
+
+
+GKD_PEAK = r'''
+import json, sys
+from pathlib import Path
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from puzzlenas import gkd
+from puzzlenas.checkpoint import convert_parent, save_checkpoint
+from puzzlenas.config import config_from_dict
+from puzzlenas.data import TokenData
+
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
+
+B, S, V, work = int(sys.argv[1]), int(sys.argv[2]), 32000, Path(sys.argv[3])
+torch.manual_seed(0)
+hf = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=V, max_position_embeddings=4096)).eval()
+parent = convert_parent(hf)
+save_checkpoint(parent, work / "realized")
+data = TokenData(torch.randint(0, V, (16, S)), torch.randint(0, V, (2, S)), "x", "random")
+cfg = config_from_dict({"data": {"seq_len": S}, "gkd": {"tokens": B * S * 2, "batch_size": B, "dtype": "float32",
+                        "val_every": 10000, "checkpoint_every": 10000}, "eval": {"kl_sequences": 1, "batch_size": 1}})
+base = status("VmRSS")
+gkd.distill(cfg, work / "realized", work / "child", work / "gkd", parent, data, None, progress=False)
+print(json.dumps({"peak": status("VmHWM") - base}))
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc")
+def test_gkd_memory_per_sequence_matches_a_real_run(tmp_path):
+    """One-process GKD on this CPU in fp32 (vocabulary 32000, where logits dominate): the growth of
+    the process's peak memory per extra sequence is what the plan charges per sequence, +-25 %."""
+    from puzzlenas.plan import Arch
+
+    peaks = {}
+    for b in (2, 4):
+        out = subprocess.run([sys.executable, "-c", GKD_PEAK, str(b), "256", str(tmp_path / f"w{b}")],
+                             capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        peaks[b] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+    measured = (peaks[4] - peaks[2]) / 2
+    cfg = config_from_dict({"data": {"seq_len": 256}, "gkd": {"batch_size": 1, "dtype": "float32"}})
+    plan = make_plan(cfg, Arch(256, 688, 2, 4, 2, 32000, False), 1, 1e12, "cpu", cuda=False)
+    per_sequence = next(s for s in plan.stages if s.stage == "gkd").batch[2]
+    assert 0.75 < per_sequence / measured < 1.25, (per_sequence, measured, peaks)
