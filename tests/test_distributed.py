@@ -10,6 +10,7 @@ allow 1e-4 for both.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -141,7 +143,7 @@ def test_activation_checkpointing_trains_the_same_child(tmp_path):
 
 def test_crafted_dcp_metadata_is_refused_without_running_it(tmp_path):
     """DCP's .metadata is a pickle: one that would call a function is refused, not run."""
-    from puzzlenas.training.state import _SafeReader
+    from puzzlenas.training.state import _SafePlanner, _SafeReader
 
     class Evil:
         def __reduce__(self):
@@ -152,7 +154,18 @@ def test_crafted_dcp_metadata_is_refused_without_running_it(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(PuzzleError, match="refused"):
         _SafeReader(tmp_path).read_metadata()
+    # a non-tensor item (DCP itself would torch.load it with weights_only=False)
+    planner = _SafePlanner()
+    planner.flatten_state_dict, planner.state_dict = False, {}
+    item = SimpleNamespace(dest_index=SimpleNamespace(fqn="optim.param_groups.0.lr"))
+    buf = io.BytesIO()
+    torch.save({"lr": Evil()}, buf)
+    with pytest.raises(PuzzleError, match="refused"):
+        planner.load_bytes(item, io.BytesIO(buf.getvalue()))
     assert not (tmp_path / "pwned").exists()
+    torch.save({"lr": 1e-3, "betas": (0.9, 0.999)}, buf := io.BytesIO())  # plain data still loads
+    planner.load_bytes(item, io.BytesIO(buf.getvalue()))
+    assert planner.state_dict["optim.param_groups.0.lr"] == {"lr": 1e-3, "betas": (0.9, 0.999)}
 
 
 def test_one_optimizer_section_serves_bld_and_gkd():

@@ -7,7 +7,8 @@ Sharded (FSDP2 GKD under torchrun): every rank writes its shards with torch.dist
 (DCP) into `.step-N.tmp/`; when all have, rank 0 adds `meta.json` (step and plain-JSON extras),
 renames the folder `step-N/` and deletes older ones. A folder without meta.json is never read. DCP's
 `.metadata` is a pickle: it is read by an unpickler that builds only DCP's own record classes and
-torch's dtypes/sizes, so a crafted file cannot run code.
+torch's dtypes/sizes; its non-tensor items (optimizer hyper-parameters) are read with
+`weights_only=True`; so a crafted folder cannot run code.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def load_sharded(folder: Path, state: dict) -> None:
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(state, checkpoint_id=folder, storage_reader=_SafeReader(folder))
+        dcp.load(state, checkpoint_id=folder, storage_reader=_SafeReader(folder), planner=_SafePlanner())
     except PuzzleError:
         raise
     except Exception as exc:  # DCP wraps per-rank failures in CheckpointException
@@ -138,3 +139,24 @@ def _make_safe_reader():
 
 def _SafeReader(folder: Path):
     return _make_safe_reader()(folder)
+
+
+def _SafePlanner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            # DefaultLoadPlanner unpickles these with weights_only=False: check them with True first,
+            # then hand it a copy re-saved from the checked (plain) object
+            try:
+                obj = torch.load(value, weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as exc:
+                line = next((x.strip() for x in str(exc).splitlines() if "GLOBAL" in x or "Unsupported" in x),
+                            type(exc).__name__)[:160]
+                raise PuzzleError(f"refused: a sharded state item is not plain data ({line})") from None
+            clean = io.BytesIO()
+            torch.save(obj, clean)
+            clean.seek(0)
+            super().load_bytes(read_item, clean)
+
+    return SafePlanner()
