@@ -117,6 +117,36 @@ def smollm2_checkpoint(tmp_path_factory) -> Path:
     return out
 
 
+def tiny_run_config(parent_dir: Path) -> dict:
+    """The one tiny configuration every stage test starts from: the smallest run that has every stage
+    (seconds each), with costs from the h100-sxm roofline so that two runs search on identical numbers."""
+    alice = SHARED_DATA / "distill" / "gutenberg" / "pg11_Alice-s-Adventures-in-Wonderland.txt"
+    return {
+        "parent": str(parent_dir),
+        "data": {"path": str(alice), "seq_len": 32, "max_train_sequences": 64, "val_sequences": 8},
+        "search_space": {"ffn": [1.0, 0.5, "linear", "no_op"], "ffn_multiple_of": 8},
+        "init": {"calibration_sequences": 16},
+        "bld": {"tokens": 2048, "batch_size": 4, "lr": 3e-4, "checkpoint_every": 4, "dtype": "float32"},
+        "scoring": {"sequences": 4},
+        "costs": {"device": "h100-sxm", "scenario": {"batch_size": 1, "prompt_len": 32, "generate_len": 16}},
+        "search": {"throughput": 1.2, "solutions": 1},
+        "gkd": {"tokens": 1024, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 4, "val_every": 8, "dtype": "float32"},
+        "eval": {"task_data_dir": str(SHARED_DATA), "tasks": [], "ppl_context": 64, "ppl_max_tokens": 128,
+                 "kl_sequences": 4, "speed_repeats": 1},
+    }
+
+
+@pytest.fixture
+def tiny_run(tmp_path) -> Path:
+    """A tiny random Llama parent with its tokenizer and tiny_run_config written as cfg.yaml: its path."""
+    import yaml
+
+    make_tiny_parent("llama").save_pretrained(tmp_path / "parent")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "parent")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tiny_run_config(tmp_path / "parent")))
+    return tmp_path / "cfg.yaml"
+
+
 def start_cli(args: list[str], env: dict[str, str] | None = None):
     """`python -m puzzlenas ARGS` in a subprocess (extra environment `env`), output captured."""
     import subprocess

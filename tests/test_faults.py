@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import SHARED_DATA, make_tiny_parent, make_tiny_tokenizer, snapshot, start_cli
+from conftest import SHARED_DATA, make_tiny_parent, make_tiny_tokenizer, snapshot, start_cli, tiny_run_config
 
 from puzzlenas.cli import main
 from puzzlenas.pipeline import STAGES
@@ -28,22 +28,8 @@ from puzzlenas.pipeline import STAGES
 ALICE = SHARED_DATA / "distill" / "gutenberg" / "pg11_Alice-s-Adventures-in-Wonderland.txt"
 
 
-def fault_config(parent_dir: Path) -> dict:
-    """The smallest run that has every stage; costs from the h100-sxm roofline, so that two runs
-    (one killed and resumed, one not) search on identical numbers and must end identical."""
-    return {
-        "parent": str(parent_dir),
-        "data": {"path": str(ALICE), "seq_len": 32, "max_train_sequences": 64, "val_sequences": 8},
-        "search_space": {"ffn": [1.0, 0.5, "linear", "no_op"], "ffn_multiple_of": 8},
-        "init": {"calibration_sequences": 16},
-        "bld": {"tokens": 2048, "batch_size": 4, "lr": 3e-4, "checkpoint_every": 4, "dtype": "float32"},
-        "scoring": {"sequences": 4},
-        "costs": {"device": "h100-sxm", "scenario": {"batch_size": 1, "prompt_len": 32, "generate_len": 16}},
-        "search": {"throughput": 1.2, "solutions": 1},
-        "gkd": {"tokens": 1024, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 4, "val_every": 8, "dtype": "float32"},
-        "eval": {"task_data_dir": str(SHARED_DATA), "tasks": [], "ppl_context": 64, "ppl_max_tokens": 128,
-                 "kl_sequences": 4, "speed_repeats": 1},
-    }
+# the shared tiny configuration (conftest); the name these tests have always used
+fault_config = tiny_run_config
 
 
 @pytest.fixture(scope="module")

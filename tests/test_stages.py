@@ -12,8 +12,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_parent, make_tiny_tokenizer
-from test_faults import assert_one_line_error, fault_config
+from test_faults import assert_one_line_error
 
 from puzzlenas.cli import main
 from puzzlenas.pipeline import STAGE_RUNNERS
@@ -40,14 +39,11 @@ def cli(capsys, *args) -> tuple[int, list[str], str]:
 
 
 @pytest.fixture
-def tiny_cfg(tmp_path):
-    make_tiny_parent("llama").save_pretrained(tmp_path / "parent")
-    make_tiny_tokenizer().save_pretrained(tmp_path / "parent")
-    raw = fault_config(tmp_path / "parent")
+def tiny_cfg(tiny_run):
+    raw = yaml.safe_load(tiny_run.read_text())
     raw["bld"]["tokens"], raw["gkd"]["tokens"], raw["scoring"]["sequences"] = 512, 256, 2  # seconds per stage
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(raw))
-    return cfg
+    tiny_run.write_text(yaml.safe_dump(raw))
+    return tiny_run
 
 
 def test_stage_commands_leave_the_markers_run_builds_on(tiny_cfg, tmp_path, capsys):
