@@ -41,11 +41,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], nproc: int = 2) -> subprocess.Popen:
-    """`torchrun -m puzzlenas ARGS` on `nproc` CPU processes."""
+def torchrun(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+    """`torchrun -m puzzlenas ARGS` on `nproc` CPU processes (extra environment `env`)."""
     exe = Path(sys.executable).with_name("torchrun")
     cmd = [str(exe), "--nproc-per-node", str(nproc), "--master-port", str(free_port()), "-m", "puzzlenas", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -80,7 +80,7 @@ def gkd_runs(tmp_path_factory):
     raw = {"parent": str(tmp / "parent"), **GKD_CFG}
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(raw))
     _prepare(tmp / "one", raw)
-    for name in ("two", "killed"):  # the same parent, data and realized child
+    for name in ("two", "killed", "resharded"):  # the same parent, data and realized child
         shutil.copytree(tmp / "one", tmp / name)
     one = start_cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "one"), *OPTS])
     two = torchrun(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "two"), *OPTS])
@@ -121,6 +121,20 @@ def test_sharded_checkpoint_resumes_after_sigkill(gkd_runs):
     assert "resuming GKD from step" in out
     assert losses(work)[-1]["val_kl"] == pytest.approx(losses(gkd_runs / "two")[-1]["val_kl"], rel=LOSS_RTOL)
     assert _max_weight_diff(gkd_runs / "two" / "child", work / "child") < WEIGHT_ATOL
+
+
+def test_sharded_checkpoint_resumes_in_one_process(gkd_runs):
+    """Two processes killed while saving step 6 (step 4 is the last complete state); one process
+    reads the two ranks' shards back and finishes the run like the uninterrupted one."""
+    work = gkd_runs / "resharded"
+    args = ["distill", str(gkd_runs / "cfg.yaml"), "--workdir", str(work), *OPTS]
+    killed = torchrun(args, env={"PUZZLENAS_KILL_AT": "atomic_write:step-000006"})
+    assert killed.wait(timeout=300) != 0
+    assert sorted(p.name for p in (work / "gkd" / "sharded").iterdir()) == [".step-000006.tmp", "step-000004"]
+    out = finish(start_cli(args))
+    assert "resuming GKD from step 4/8" in out
+    assert not (work / "gkd" / "sharded").exists()
+    assert _max_weight_diff(gkd_runs / "one" / "child", work / "child") < WEIGHT_ATOL
 
 
 def test_activation_checkpointing_trains_the_same_child(tmp_path):

@@ -44,6 +44,7 @@ from ..training import (
     adamw,
     autocast,
     autocast_dtype,
+    barrier,
     batch_indices,
     fsdp,
     load_state,
@@ -153,14 +154,15 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
     tokens_per_step = g.batch_size * g.grad_accum * seq_len
     total_steps = max(1, math.ceil(g.tokens / tokens_per_step))
     optimizer = adamw(child.parameters(), g.optim)
-    resumed = _resume_sharded if sharded else _resume_single
-    step, history = resumed(state_dir, child, optimizer, total_steps, source_ids, device)
+    step, history = 0, []
+    if not sharded:
+        step, history = _resume_single(state_dir, child, optimizer, total_steps, source_ids, device)
+    if not step:  # torchrun's sharded state: resumed on any number of processes (DCP reshards)
+        step, history = _resume_sharded(state_dir, child, optimizer, total_steps, source_ids, device)
     if step and rank == 0:
         log.info("resuming GKD from step %d/%d", step, total_steps)
-    other = (state_dir / "state.pt") if sharded else states.latest_sharded(state_dir / "sharded")
-    if not step and rank == 0 and other is not None and other.exists():
-        log.warning("not resuming %s: it was written by %s; starting over", other,
-                    "one process" if sharded else "torchrun (resume it with the same torchrun command)")
+    if not step and sharded and rank == 0 and (state_dir / "state.pt").is_file():
+        log.warning("not resuming %s under torchrun (it was written by one process); starting over", state_dir / "state.pt")
     amp = autocast(g.dtype, device)
     val_ids = data.val[: cfg.eval.kl_sequences]
     if step == 0:
@@ -253,7 +255,7 @@ def _resume_sharded(state_dir: Path, child, optimizer, total_steps: int, source_
     root = state_dir / "sharded"
     if rank_world()[0] == 0:
         states.clean_partial(root)
-    dist.barrier()
+    barrier()
     folder = states.latest_sharded(root)
     if folder is None:
         return 0, []

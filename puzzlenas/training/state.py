@@ -5,7 +5,8 @@ read back with `weights_only=True`.
 
 Sharded (FSDP2 GKD under torchrun): every rank writes its shards with torch.distributed.checkpoint
 (DCP) into `.step-N.tmp/`; when all have, rank 0 adds `meta.json` (step and plain-JSON extras),
-renames the folder `step-N/` and deletes older ones. A folder without meta.json is never read. DCP's
+renames the folder `step-N/` and deletes older ones. A folder without meta.json is never read; any
+number of processes reads a folder back (DCP reshards), one process included. DCP's
 `.metadata` is a pickle: it is read by an unpickler that builds only DCP's own record classes and
 torch's dtypes/sizes; its non-tensor items (optimizer hyper-parameters) are read with
 `weights_only=True`; so a crafted folder cannot run code.
@@ -92,7 +93,8 @@ def load_sharded(folder: Path, state: dict) -> None:
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(state, checkpoint_id=folder, storage_reader=_SafeReader(folder), planner=_SafePlanner())
+        dcp.load(state, checkpoint_id=folder, storage_reader=_SafeReader(folder), planner=_SafePlanner(),
+                 no_dist=rank_world()[1] == 1)  # one process reads all shards (DCP reshards)
     except PuzzleError:
         raise
     except Exception as exc:  # DCP wraps per-rank failures in CheckpointException
