@@ -67,6 +67,9 @@ def run_sweep(cfg: PuzzleConfig, workdir: str | Path, targets: list[float], prog
         raise PuzzleError("sweep: give at least one target (--targets 1.2 1.5 2.0)")
     if any(t <= 0 for t in targets) or len(set(targets)) != len(targets):
         raise PuzzleError(f"sweep: targets must be distinct and positive (got {', '.join(f'{t:g}' for t in targets)})")
+    from .preflight import check_inputs
+
+    check_inputs(cfg, workdir, [*SHARED, *PER_TARGET])  # e.g. WikiText-2 for eval: before hours of BLD, not after
     for stage, status in run_pipeline(cfg, workdir, stages=list(SHARED), progress=progress).items():
         log.info("sweep: %-9s %s", stage, status)
     rows = {}
@@ -153,10 +156,10 @@ def sweep_figure(sweep: dict, out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "kl", "KL to parent (held-out)"), (axes[1], "wikitext2_ppl", "WikiText-2 ppl")):
         for row, marker in markers.items():
+            # joined in target order: one line per model kind across the targets
             pts = [(r[row]["speedup"], r[row][key], t) for t, r in sweep["rows"].items() if "kl" in r.get(row, {})]
             if not pts:
                 continue
-            pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=row)
             for x, y, t in pts:
                 ax.annotate(t, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
