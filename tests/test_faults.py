@@ -213,6 +213,8 @@ def test_crafted_state_file_is_refused_without_running_it(state, work, inputs, t
     torch.save({"step": 1, "payload": _Payload(pwned)}, work / state)
     if state.startswith("gkd"):
         (work / "gkd" / "done.json").unlink()  # so that distill looks for a state to resume
+    else:
+        (work / "stages" / "bld.json").unlink()  # so that bld (the pipeline's stage) is not skipped as done
     before = snapshot(work)
     command = "distill" if state.startswith("gkd") else "bld"
     rc, err = run_cli(capsys, command, inputs / "cfg.yaml", "--workdir", work, "--quiet")

@@ -128,14 +128,13 @@ class DeciLMAttention(nn.Module):
         k = apply_rotary(k.transpose(1, 2), cos, sin)  # (B, KV, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.cache_index)
-        if self.num_key_value_heads != self.num_heads:
-            repeat = self.num_heads // self.num_key_value_heads
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
+        # enable_gqa: each KV head serves its group of query heads inside the kernel, instead of
+        # copying the whole cache H/KV times per step (generation spent more time copying than attending)
+        gqa = self.num_key_value_heads != self.num_heads
         if attention_mask is None:  # plain causal, no padding, no past: the fused kernel path
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
