@@ -178,14 +178,3 @@ def cpu_bf16_is_faster(size: int = 256, repeats: int = 3) -> bool:
     logging.getLogger(__name__).info("CPU bf16 matmul is %s than fp32: training in %s", "faster" if faster else "slower",
                                      "bf16 autocast" if faster else "fp32")
     return faster
-
-
-def warmup_cosine_lr(step: int, total: int, lr: float, warmup_fraction: float, min_lr_fraction: float) -> float:
-    """Linear warm-up over warmup_fraction of the steps, then cosine decay to min_lr_fraction * lr."""
-    import math
-
-    warmup = int(warmup_fraction * total)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return lr * (min_lr_fraction + (1 - min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
