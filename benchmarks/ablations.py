@@ -142,6 +142,17 @@ def run_variant(cfg, name: str, spec: tuple, ctx, libraries: dict, scores: dict,
     if result_file.is_file() and json.loads(result_file.read_text()).get("key") == key:
         log.info("variant %s: done (inputs unchanged)", name)
         return json.loads(result_file.read_text())
+    for other in sorted((workdir / "variants").glob("*/result.json")):
+        earlier = json.loads(other.read_text())
+        if earlier.get("key") == key and earlier["variant"] != name:
+            # the same child, library, scores, GKD and eval: training and evaluation are deterministic, so
+            # its numbers are this variant's (e.g. greedy finding the MIP's child)
+            log.info("variant %s: the same child and settings as %s; its results reused", name, earlier["variant"])
+            result = {**earlier, "variant": name, "search": search_kind, "library": library_kind, "metric": metric,
+                      "damage": sol["damage"], "same_as": earlier.get("same_as", earlier["variant"]),
+                      "seconds": time.perf_counter() - t0}
+            atomic_write_json(result_file, result)
+            return result
     log.info("variant %s: predicted %.2fx, damage %.4f (%s)", name, sol["predicted_speedup"], sol["damage"], metric)
     realized, built_from = vdir / "realized", vdir / "realized_from.json"
     child = assemble_child(ctx.parent, choices_from_solution(sol), libraries[library_kind])
@@ -171,7 +182,8 @@ def format_table(rows: list[dict], parent: dict) -> str:
              "|---|---|---|---|---|---|---|---|",
              f"| parent | 1.00x | 0 | 0 | 0 | {parent['ppl']:.2f} | {acc(parent)} | |"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['predicted_speedup']:.2f}x | {r['damage']:.4f} ({r['metric']}) | "
+        label = r["variant"] + (f" (same child as {r['same_as']})" if r.get("same_as") else "")
+        lines.append(f"| {label} | {r['predicted_speedup']:.2f}x | {r['damage']:.4f} ({r['metric']}) | "
                      f"{r['kl_before']:.4f} | {r['kl']:.4f} | {r['ppl']:.2f} | {acc(r)} | {r['seconds'] / 60:.1f} min |")
     return "\n".join(lines)
 
