@@ -188,6 +188,33 @@ def format_table(rows: list[dict], parent: dict) -> str:
     return "\n".join(lines)
 
 
+def search_damage(args) -> str:
+    """Predicted summed damage (KL) of MIP, greedy and random (mean of 5 seeds) at several targets."""
+    from puzzlenas.config import load_config, parse_factor
+    from puzzlenas.library.space import target_alternatives
+    from puzzlenas.pipeline import _profile_name, load_profile, parent_config
+    from puzzlenas.utils import pick_device
+
+    base = Path(args.workdir) / "base"
+    cfg = load_config(args.config, args.set)
+    scores_file = base / "scores" / "replace1.json"
+    if not scores_file.is_file():
+        raise PuzzleError(f"{scores_file} not found; run the benchmark (or its base stages) first")
+    scores = json.loads(scores_file.read_text())
+    profile = load_profile(base, _profile_name(cfg, pick_device()))
+    alternatives = [a.name for a in target_alternatives(cfg, parent_config(base))]
+    lines = ["| target | MIP | greedy | random (mean of 5 seeds) |", "|---|---|---|---|"]
+    for target in (parse_factor(t) for t in args.search_only.split(",")):
+        cfg.search.throughput = target
+        mip = find_solution(cfg, "mip", "kl", scores, profile, alternatives, Path(args.workdir) / "search-only")["damage"]
+        greedy = find_solution(cfg, "greedy", "kl", scores, profile, alternatives, Path(args.workdir) / "search-only")["damage"]
+        rand = [find_solution(cfg.model_copy(update={"seed": s}), "random", "kl", scores, profile, alternatives,
+                              Path(args.workdir) / "search-only")["damage"] for s in range(5)]
+        lines.append(f"| {target:g}x | {mip:.3f} | {greedy:.3f} | {sum(rand) / len(rand):.3f} |")
+    print("\n".join(lines))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "puzzlenas" / "presets" / "quick.yaml"))
@@ -196,7 +223,12 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--variants", default=None, help="comma-separated subset (names as in the table, or their slugs)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--search-only", metavar="TARGETS", default=None,
+                    help="e.g. 1.3,1.5,2: only the searches' summed damage at these targets, from <workdir>/base's "
+                         "finished scores and costs (no training)")
     args = ap.parse_args(argv)
+    if args.search_only:
+        return search_damage(args)
 
     from puzzlenas.config import load_config, parse_factor
     from puzzlenas.evaluate.data import resolve_eval_data
