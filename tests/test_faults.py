@@ -282,6 +282,24 @@ def test_missing_or_set_aside_artifact_is_rebuilt_not_trusted(work, inputs, caps
     assert cfg["search"]["throughput"] == 1.2  # each stage records the config it ran with
 
 
+def test_saved_tokenizer_is_the_same_bytes_online_and_offline(inputs, tmp_path):
+    """A process started offline (HF_HUB_OFFLINE=1) must write the checkpoint's tokenizer byte for
+    byte as an online one, or output fingerprints change with the environment and stages are redone."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from transformers import PreTrainedTokenizerFast; from puzzlenas.checkpoint import load_parent, "
+            "convert_parent, save_checkpoint; m, t = load_parent(sys.argv[1]); "
+            "save_checkpoint(convert_parent(m, copy=False), sys.argv[2], t)")
+    files = {}
+    for offline in ("0", "1"):
+        out = tmp_path / f"offline{offline}"
+        env = {**os.environ, "HF_HUB_OFFLINE": offline, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-c", code, str(inputs / "parent"), str(out)], env=env, check=True, timeout=300)
+        files[offline] = (out / "tokenizer_config.json").read_bytes()
+    assert files["0"] == files["1"]
+
+
 # --- one writer per work directory ---------------------------------------------------------------
 
 

@@ -77,6 +77,7 @@ def save_checkpoint(model: DeciLMForCausalLM, out_dir: str | Path, tokenizer=Non
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+        _drop_load_options(tmp / "tokenizer_config.json")
     kill_point("checkpoint.write", str(out_dir))
     if out_dir.exists():
         out_dir.rename(old)
@@ -85,6 +86,17 @@ def save_checkpoint(model: DeciLMForCausalLM, out_dir: str | Path, tokenizer=Non
     if old.exists():
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     return out_dir
+
+
+def _drop_load_options(tokenizer_config: Path) -> None:
+    """transformers saves how the tokenizer was loaded (`local_files_only`: true when the process
+    started offline) with what it is; the same tokenizer must give the same bytes, or a stage's
+    output fingerprint changes with the environment and finished work is redone."""
+    if not tokenizer_config.is_file():
+        return
+    config = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+    if config.pop("local_files_only", None) is not None:
+        tokenizer_config.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _check_checkpoint_dir(path: Path) -> dict:

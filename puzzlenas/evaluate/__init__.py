@@ -23,6 +23,7 @@ Results: eval/results.json and eval/results.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -107,11 +108,28 @@ def lm_eval_accuracy(model, tokenizer, data: EvalData, tasks: list[str], work: P
     """Zero-shot scores from lm-evaluation-harness, the model passed as a loaded object:
     task -> {metric: value, metric_stderr: its standard error, "n": items scored}."""
     local = [t for t in tasks if data.has_local(t)]
-    if local and len(local) == len(tasks):
-        # everything is local: keep `datasets` from asking the hub about the json builder (slow or
-        # hanging without network); set only here, so a hub task still reaches the hub
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # everything local: keep `datasets` from asking the hub about the json builder (slow or hanging
+    # without network); only for this call, so a hub task still reaches the hub and nothing loaded
+    # later in this process (a tokenizer saved with `local_files_only`) sees the setting
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"} if local and len(local) == len(tasks) else {}
+    with _environment(offline):
+        return _lm_eval_accuracy(model, tokenizer, data, tasks, local, work, limit, batch_size)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """Set environment variables that are not set yet, and restore them afterwards."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _lm_eval_accuracy(model, tokenizer, data: EvalData, tasks: list[str], local: list[str], work: Path,
+                      limit: int | None, batch_size: int) -> dict:
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
