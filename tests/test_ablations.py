@@ -116,11 +116,12 @@ def test_every_variant_runs_at_the_same_target_and_tokens(ablations):
     assert list(rows) == list(bench.VARIANTS)
     assert len({r["gkd_tokens"] for r in rows.values()}) == 1  # equal tokens
     for name, r in rows.items():
-        if r["search"] != "mip":  # the MIP's own shortfall on tiny costs: test_mip_meets_the_target_on_tiny_costs
-            assert r["predicted_speedup"] >= TARGET * (1 - 1e-9), name
+        assert r["predicted_speedup"] >= TARGET * (1 - 1e-9), name
         assert r["kl"] >= 0 and math.isfinite(r["kl"]) and math.isfinite(r["ppl"]) and r["ppl"] > 1, name
         assert (r["search"], r["library"], r["metric"], r["gkd_loss"]) == bench.VARIANTS[name]
-        assert (root / "w" / "variants" / bench.slug(name) / "child" / "config.json").is_file()
+        owner = r.get("same_as", name)  # a variant whose child and settings equal an earlier one's reuses its run
+        assert rows[owner].get("same_as") is None
+        assert (root / "w" / "variants" / bench.slug(owner) / "child" / "config.json").is_file()
     # the MIP is optimal for the summed damage on the same scores
     assert rows["greedy"]["damage"] >= rows["MIP"]["damage"] * (1 - 1e-3) - 1e-12
     assert rows["random"]["damage"] >= rows["MIP"]["damage"] * (1 - 1e-3) - 1e-12
@@ -130,11 +131,11 @@ def test_every_variant_runs_at_the_same_target_and_tokens(ablations):
     assert '"lm"' in gkd_logs["GKD LM loss"] and '"lm"' not in gkd_logs["MIP"]
     assert len(set(gkd_logs.values())) == 3
     table = (root / "w" / "ablations.md").read_text()
-    assert all(f"| {name} |" in table for name in bench.VARIANTS) and "GKD 512 tokens" in table
+    assert all(f"| {name} " in table for name in bench.VARIANTS) and "GKD 512 tokens" in table  # "(same child as ...)" may follow
 
 
-@pytest.mark.xfail(strict=True, reason="search/mip.py passes raw seconds to HiGHS, whose absolute feasibility "
-                   "tolerance (1e-7) exceeds a tiny model's roofline budget (~1e-6 s): the time row needs scaling")
+# search/mip.py scales each resource row to its budget: HiGHS's absolute tolerance (1e-7) once let a
+# tiny model's roofline time budget (~1e-6 s) be overrun
 def test_mip_meets_the_target_on_tiny_costs(ablations):
     _, root = ablations
     rows = json.loads((root / "w" / "ablations.json").read_text())["variants"]

@@ -87,8 +87,11 @@ class _Flat:
         self.start = np.concatenate([[0], np.cumsum(sizes)])  # layer l owns columns start[l]:start[l+1]
         self.n = int(self.start[-1])
         self.layer = np.repeat(np.arange(self.L), sizes)
-        self.cost = {r: np.concatenate([np.asarray(c, dtype=float) for c in problem.costs[r]]) for r in budgets}
-        self.cap = {r: budgets[r] - problem.fixed.get(r, 0.0) for r in budgets}
+        # HiGHS's feasibility tolerance is absolute (1e-7): in raw units a tiny model's time budget
+        # (~1e-6 s) could be overrun unnoticed, so each resource row is scaled to a budget of 1
+        scale = {r: abs(budgets[r]) if np.isfinite(budgets[r]) and budgets[r] != 0 else 1.0 for r in budgets}
+        self.cost = {r: np.concatenate([np.asarray(c, dtype=float) for c in problem.costs[r]]) / scale[r] for r in budgets}
+        self.cap = {r: (budgets[r] - problem.fixed.get(r, 0.0)) / scale[r] for r in budgets}
         # dominators[l][p, q]: pair p of layer l beats or ties q on damage and every constrained resource,
         # and comes first among equals. Computed once, for all layers of one size together: each solve
         # only changes which p may remove q.
