@@ -324,3 +324,18 @@ def test_export_command(tmp_path):
     proc = start_cli(["export", str(tmp_path / "child"), str(tmp_path / "x.gguf"), "--type", "q3_k"])
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "q3_k" in out.splitlines()[-1] and not (tmp_path / "x.gguf").exists()
+
+
+def test_profile_name_has_the_gguf_type_and_thread_count(monkeypatch):
+    """A profile measured at one thread count is never reused at another (decode cost differs 2x)."""
+    import torch
+
+    from puzzlenas.config import config_from_dict
+    from puzzlenas.costs import profile_name
+
+    cfg = config_from_dict({"target": {"engine": "llama.cpp", "gguf_type": "q8_0"}})
+    monkeypatch.setenv("PUZZLENAS_LLAMACPP_THREADS", "1")
+    one = profile_name(cfg, torch.device("cpu"))
+    monkeypatch.setenv("PUZZLENAS_LLAMACPP_THREADS", "2")
+    two = profile_name(cfg, torch.device("cpu"))
+    assert one.startswith("llama.cpp-q8_0-1thr-") and two.startswith("llama.cpp-q8_0-2thr-") and one != two

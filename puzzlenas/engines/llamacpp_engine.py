@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install -e '.[llamacpp]' (compiles llama.cpp: ~30 min the first time on a 2-core CPU)"
 
 
+def llamacpp_threads() -> int:
+    """Threads llama.cpp computes with: PUZZLENAS_LLAMACPP_THREADS, else all the machine's cores."""
+    return int(os.environ.get("PUZZLENAS_LLAMACPP_THREADS") or os.cpu_count() or 1)
+
+
 class LlamaCppEngine(Engine):
     name = "llama.cpp"
     kinds = {"attention": {"gqa", "linear", "no_op"}, "ffn": {"mlp", "no_op"}}
@@ -66,7 +71,9 @@ class LlamaCppEngine(Engine):
 
     @classmethod
     def profile_tag(cls, target) -> str:
-        return f"{cls.name}-{target.gguf_type}"  # costs differ by GGUF type: one profile per type
+        # costs differ by GGUF type and by thread count (on a 2-core AVX2 CPU a SmolLM2 decode step took
+        # 9.8 ms at 1 thread and 19.9 ms at 2, where FFN size barely mattered): one profile for each
+        return f"{cls.name}-{target.gguf_type}-{llamacpp_threads()}thr"
 
     def export(self, checkpoint: Path, folder: Path) -> Path:
         """checkpoint folder -> folder/<content hash>.<type>.gguf (reused while the weights are unchanged)."""
@@ -87,7 +94,7 @@ class LlamaCppEngine(Engine):
             log.info("exported %d models to GGUF %s in %.1f s", len(files), self.gguf_type, time.perf_counter() - t0)
             job = {"models": files, "groups": groups, "repeats": repeats, "warmup": warmup,
                    "scenario": [scenario.batch_size, scenario.prompt_len, scenario.generate_len],
-                   "threads": int(os.environ.get("PUZZLENAS_LLAMACPP_THREADS") or os.cpu_count() or 1)}
+                   "threads": llamacpp_threads()}
             result = _run_worker(job, Path(tmp), progress)
         return [{name: ModelTimings.from_dict(t) for name, t in group.items()} for group in result["groups"]]
 
