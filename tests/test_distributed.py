@@ -221,10 +221,11 @@ def test_bld_with_the_parents_layers_split_over_two_ranks_equals_one_rank(bld_on
     one, two = _records(tmp / "one"), _records(tmp / "two")
     assert one.keys() == two.keys()
     assert all(rec.get("val_nmse") == two[name].get("val_nmse") for name, rec in one.items())
-    # each rank's loop time is on its own blocks: layers 0-1 share one, layer 2 has the other
+    # each rank's loop time is on its own blocks: layers 0-1 share one, layer 2 has the other (not
+    # compared: the ranks run in lockstep, so their loop times can agree to the millisecond)
     seconds = {layer: {r["train_seconds"] for r in two.values() if r["layer"] == layer and r.get("file")}
                for layer in range(3)}
-    assert len(seconds[0] | seconds[1]) == 1 and len(seconds[2]) == 1 and seconds[0] != seconds[2]
+    assert len(seconds[0] | seconds[1]) == 1 and len(seconds[2]) == 1
 
 
 def test_layer_split_bld_resumes_after_sigkill(bld_one):
