@@ -84,7 +84,7 @@ def find_solution(cfg, search_kind: str, metric: str, scores: dict, profile: dic
 
     if search_kind == "mip":
         c = cfg.model_copy(deep=True)
-        c.scoring.metric = metric
+        c.score.metric = metric
         c.search.solutions = 1
         return search.run(c, out, scores, profile, alternatives)["solutions"][0]
     result = heuristics.run(cfg, scores, profile, alternatives, search_kind, metric=metric)
@@ -96,7 +96,7 @@ def find_solution(cfg, search_kind: str, metric: str, scores: dict, profile: dic
 
 def mean_accuracy(tasks: dict) -> tuple[float | None, float | None]:
     """Mean of the tasks' primary metrics and its standard error (tasks independent)."""
-    from puzzlenas.evaluate import primary_metric
+    from puzzlenas.eval import primary_metric
 
     values, ses = [], []
     for scores in tasks.values():
@@ -111,7 +111,7 @@ def mean_accuracy(tasks: dict) -> tuple[float | None, float | None]:
 
 
 def evaluate_model(model, ctx, cfg, eval_data, work: Path) -> dict:
-    from puzzlenas.evaluate import kl_and_agreement, lm_eval_accuracy, wikitext_perplexity
+    from puzzlenas.eval import kl_and_agreement, lm_eval_accuracy, wikitext_perplexity
 
     e = cfg.eval
     r = {"kl": kl_and_agreement(model, ctx.parent, ctx.data.val[: e.kl_sequences], e.batch_size)["kl"],
@@ -126,7 +126,7 @@ def run_variant(cfg, name: str, spec: tuple, ctx, libraries: dict, scores: dict,
                 eval_data, workdir: Path, progress: bool) -> dict:
     from puzzlenas import gkd
     from puzzlenas.checkpoint.io import load_checkpoint, save_checkpoint
-    from puzzlenas.evaluate import kl_and_agreement
+    from puzzlenas.eval import kl_and_agreement
     from puzzlenas.realize import assemble_child, choices_from_solution
     from puzzlenas.utils import atomic_write_json, fingerprint
 
@@ -231,10 +231,10 @@ def main(argv: list[str] | None = None) -> str:
         return search_damage(args)
 
     from puzzlenas.config import load_config, parse_factor
-    from puzzlenas.evaluate.data import resolve_eval_data
+    from puzzlenas.eval.data import resolve_eval_data
     from puzzlenas.library.space import target_alternatives
     from puzzlenas.pipeline import _profile_name, context, load_profile, open_library, run_pipeline, shared_context
-    from puzzlenas.scoring import run as score
+    from puzzlenas.score import run as score
     from puzzlenas.utils import atomic_write_json, atomic_write_text, pick_device
 
     target = parse_factor(args.target)
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> str:
         rows = [run_variant(cfg, name, spec, ctx, libraries, scores, profile, alternatives, eval_data, workdir, progress)
                 for name, spec in chosen.items()]
     budgets = (f"target {target:g}x ({profile['device']}{', estimated' if profile.get('estimated') else ''}), "
-               f"BLD {cfg.bld.tokens:,} tokens/block, scoring {cfg.scoring.sequences} x {cfg.data.seq_len} tokens, "
+               f"BLD {cfg.bld.tokens:,} tokens/block, scoring {cfg.score.sequences} x {cfg.data.seq_len} tokens, "
                f"GKD {cfg.gkd.tokens:,} tokens, eval: KL on {cfg.eval.kl_sequences} held-out sequences, WikiText-2 "
                f"{cfg.eval.ppl_max_tokens or 'all'} tokens, {cfg.eval.limit or 'all'} items x "
                f"{', '.join(cfg.eval.tasks) or 'no tasks'}")

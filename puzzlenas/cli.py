@@ -169,7 +169,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from .scoring import format_scores
+    from .score import format_scores
 
     _run_stages(args, _load_cfg(args), "score")
     print(format_scores(json.loads((Path(args.workdir) / "scores" / "replace1.json").read_text())))
@@ -298,7 +298,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint.parent import prepare_parent
     from .config import load_config
     from .data import prepare_data
-    from .evaluate import evaluate_models
+    from .eval import evaluate_models
     from .utils import pick_device
 
     for path in args.checkpoint:
@@ -323,7 +323,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         paths[p.name] = p  # an engine serving from folders reads a plain Llama folder natively
     report = evaluate_models(models, "parent", tokenizer, cfg, data.val, workdir / "eval",
                              skip_lm_eval=args.no_lm_eval, paths=paths)
-    from .evaluate import format_results
+    from .eval import format_results
 
     print(format_results(report))
 

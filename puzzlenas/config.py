@@ -8,6 +8,7 @@ number`). Every field has a default that makes sense for SmolLM2-135M on a lapto
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -16,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import PuzzleError
+
+log = logging.getLogger(__name__)
 
 
 class Section(BaseModel):
@@ -124,7 +127,7 @@ class BLDConfig(_TrainingSection):
     coupled: list[CoupledPairConfig] = Field(default_factory=list)
 
 
-class ScoringConfig(Section):
+class ScoreConfig(Section):
     metric: Literal["kl", "lm_loss", "agreement"] = "kl"
     sequences: int = Field(16, gt=0)
     batch_size: int = Field(4, gt=0)
@@ -227,12 +230,12 @@ class GKDConfig(_TrainingSection):
 
 
 class EvalConfig(Section):
-    """What evaluation measures and where its data comes from (evaluate/data.py): `task_data_dir` (a
+    """What evaluation measures and where its data comes from (eval/data.py): `task_data_dir` (a
     local folder) > $PUZZLENAS_DATA > the Hugging Face hub. No default folder: a path relative to
     wherever the command was started from breaks the eval stage of runs started elsewhere."""
 
     task_data_dir: str | None = None
-    # lm-eval task or group names; the shipped ones (evaluate/tasks) read a local copy when configured
+    # lm-eval task or group names; the shipped ones (eval/tasks) read a local copy when configured
     tasks: list[str] = Field(default_factory=lambda: ["lambada_openai", "arc_challenge", "boolq", "openbookqa"])
     # items per task (None: all); 500 keeps an accuracy's standard error near 0.02, all when a task has fewer
     limit: int | None = Field(500, gt=0)
@@ -281,11 +284,23 @@ class PuzzleConfig(Section):
     search_space: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
     init: InitConfig = Field(default_factory=InitConfig)
     bld: BLDConfig = Field(default_factory=BLDConfig)
-    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
     costs: CostConfig = Field(default_factory=CostConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     gkd: GKDConfig = Field(default_factory=GKDConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_section_names(cls, data):
+        # `scoring:` was the score stage's section before stage, package and section names were made one
+        # (`score`); configs written then still load, the same as if they said `score:`.
+        if isinstance(data, dict) and "scoring" in data:
+            data = dict(data)
+            old, new = data.pop("scoring"), data.get("score")
+            data["score"] = {**new, **old} if isinstance(old, dict) and isinstance(new, dict) else old
+            log.warning("config section `scoring:` is now called `score:`; read it as `score:`")
+        return data
 
     @field_validator("parent")
     @classmethod

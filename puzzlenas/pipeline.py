@@ -211,10 +211,10 @@ def bld_record(cfg: PuzzleConfig, library) -> dict:
 
 
 def run_score(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
-    from . import scoring
+    from . import score
 
     c = context(cfg, workdir)
-    result = scoring.run(cfg, workdir, c.parent, c.data, open_library(workdir, c), progress)
+    result = score.run(cfg, workdir, c.parent, c.data, open_library(workdir, c), progress)
     return {"tokens": result["tokens"]}
 
 
@@ -295,7 +295,7 @@ def stage_fingerprints(cfg: PuzzleConfig, device_name: str) -> dict[str, str]:
     fp = {}
     fp["data"] = fingerprint(cfg.parent, sec("data"), cfg.seed)
     fp["bld"] = fingerprint(fp["data"], sec("init"), sec("bld"), sec("search_space"), sec("target"))
-    fp["score"] = fingerprint(fp["bld"], sec("scoring"))
+    fp["score"] = fingerprint(fp["bld"], sec("score"))
     fp["costs"] = fingerprint(cfg.parent, sec("search_space"), sec("costs"), device_name, sec("target"))
     fp["search"] = fingerprint(fp["score"], fp["costs"], sec("search"))
     fp["realize"] = fingerprint(fp["search"], cfg.gkd.solution)
@@ -446,7 +446,7 @@ def _run_baselines(cfg: PuzzleConfig, workdir: Path, ctx: Context, device, progr
 
 def _run_eval(cfg: PuzzleConfig, workdir: Path, ctx: Context) -> dict:
     from .checkpoint.io import load_checkpoint
-    from .evaluate import evaluate_models
+    from .eval import evaluate_models
     from .realize.selection import chosen_solution
 
     device = next(ctx.parent.parameters()).device

@@ -329,7 +329,7 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
     stages.append(s)
 
     # score: one device, the whole parent, every layer's traced activations of a batch, two log-softmaxes
-    B = cfg.scoring.batch_size
+    B = cfg.score.batch_size
     s = StagePlan("score", "1 device, whole parent")
     s.items.append(Item("weights", "parent", W, f"{P / 1e9:.2f}B x {bw} B"))
     traced = 4 * L * S * h * bw
@@ -337,7 +337,7 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
     s.items.append(Item("activations", "traced parent (4 per layer)", B * traced, f"4 x {L} layers x {B} seq x {S} tok x {h} x {bw} B"))
     s.items.append(Item("activations", "logits, log-probs, KL of two models", B * logits,
                         f"{B} seq x {S} tok x {V} x (2x{bw} + 16) B"))
-    s.batch = ("scoring.batch_size", B, traced + logits)
+    s.batch = ("score.batch_size", B, traced + logits)
     stages.append(s)
 
     # costs: the parent (and one variant at a time) serving the scenario

@@ -7,7 +7,7 @@ What each stage reads from outside the work directory:
   parent      the parent (HF folder, .gguf or a bundled name): every stage that loads it
   data.path   a local file/folder, or a HF dataset name (then the hub, unless tokens are cached)
   engine      target.engine installed: costs measured here, eval's speed, measure
-  eval        WikiText-2 and the lm-eval tasks: a local copy or the hub (evaluate/data.py), lm-eval itself
+  eval        WikiText-2 and the lm-eval tasks: a local copy or the hub (eval/data.py), lm-eval itself
 Checks are cheap (file tests, one TCP probe of the hub only when the hub is needed) and read no file
 that could run code.
 """
@@ -77,7 +77,7 @@ def _check_data(d, workdir: Path) -> None:
     if d.path.startswith(("/", ".", "~")) or path.suffix in (".txt", ".jsonl", ".json", ".parquet"):
         raise PuzzleError(f"data.path {d.path!r} does not exist (a .txt/.jsonl/.parquet file or folder, "
                           "or a Hugging Face dataset name)")
-    from .evaluate.data import hub_problem
+    from .eval.data import hub_problem
 
     if any((workdir / "data").glob("tokens-*.safetensors")):
         return  # tokenized before: prepare_data may not need the hub again
@@ -89,7 +89,7 @@ def _check_data(d, workdir: Path) -> None:
 
 def check_eval_inputs(e, lm_eval: bool = True) -> None:
     """WikiText-2 and the lm-eval tasks of eval config `e` reachable, lm-eval installed, task names known."""
-    from .evaluate.data import local_task_files, resolve_eval_data, unknown_lm_eval_tasks
+    from .eval.data import local_task_files, resolve_eval_data, unknown_lm_eval_tasks
 
     tasks = list(e.tasks) if lm_eval else []
     if tasks and importlib.util.find_spec("lm_eval") is None:

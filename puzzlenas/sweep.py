@@ -122,7 +122,7 @@ def target_rows(sub: Path) -> dict:
 
 
 def _primary(scores: dict):
-    from .evaluate import primary_metric
+    from .eval import primary_metric
 
     return primary_metric(scores)
 

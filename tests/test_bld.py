@@ -262,7 +262,7 @@ def test_smollm2_bld_beats_init_beats_random(tmp_path):
 def test_coupled_pair_trains_scores_and_realizes(tiny_workdir):
     from puzzlenas.library.space import CoupledPair
     from puzzlenas.realize import assemble_child, parent_choices
-    from puzzlenas.scoring import score_alternatives
+    from puzzlenas.score import score_alternatives
 
     tmp, _ = tiny_workdir
     cfg_dict = {**TINY_CFG, "bld": {**TINY_CFG["bld"], "coupled": [{"layer": 1, "attention": 1, "ffn": 0.5}]}}

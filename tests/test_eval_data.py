@@ -15,8 +15,8 @@ from conftest import SHARED_DATA, make_tiny_parent, make_tiny_tokenizer, smollm2
 
 from puzzlenas.config import config_from_dict
 from puzzlenas.errors import PuzzleError
-from puzzlenas.evaluate import format_results, lm_eval_accuracy, task_scores
-from puzzlenas.evaluate.data import ENV, hub_problem, local_task_files, resolve_eval_data, wikitext_from_rows
+from puzzlenas.eval import format_results, lm_eval_accuracy, task_scores
+from puzzlenas.eval.data import ENV, hub_problem, local_task_files, resolve_eval_data, wikitext_from_rows
 from puzzlenas.preflight import check_eval_inputs, check_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_eval_config_is_validated():
 
 
 def test_unknown_lm_eval_task_name_is_refused(tmp_path, monkeypatch):
-    from puzzlenas.evaluate.data import unknown_lm_eval_tasks
+    from puzzlenas.eval.data import unknown_lm_eval_tasks
 
     assert unknown_lm_eval_tasks(["mmlu", "hellaswag", "no_such_task_xyz"]) == ["no_such_task_xyz"]
 

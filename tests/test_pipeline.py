@@ -21,7 +21,7 @@ def tiny_run_config(parent_dir: Path) -> dict:
         "search_space": {"ffn": [1.0, 0.5, "linear", "no_op"], "ffn_multiple_of": 8},
         "init": {"calibration_sequences": 16},
         "bld": {"tokens": 8192, "batch_size": 4, "lr": 3e-4, "checkpoint_every": 4, "dtype": "float32"},
-        "scoring": {"sequences": 4},
+        "score": {"sequences": 4},
         "costs": {"repeats": 3, "warmup": 1, "scenario": {"batch_size": 1, "prompt_len": 32, "generate_len": 16}},
         "search": {"throughput": 1.2, "solutions": 2},
         "gkd": {"tokens": 4096, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 4, "val_every": 8, "dtype": "float32"},

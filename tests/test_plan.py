@@ -44,13 +44,13 @@ def test_parameter_count_equals_a_real_model(tmp_path, family):
 
 
 def _advised(advice: str) -> list[str]:
-    return re.findall(r"\b((?:gkd|bld|scoring|eval)\.\w+=\d+)", advice)
+    return re.findall(r"\b((?:gkd|bld|score|eval)\.\w+=\d+)", advice)
 
 
 def test_the_advice_makes_the_stage_fit():
     cfg = load_config(ROOT / "configs" / "llama3_8b_gpu.yaml", ["gkd.batch_size=64", "gkd.grad_accum=2",
                                                                  "gkd.activation_checkpointing=false",
-                                                                 "scoring.batch_size=16"])
+                                                                 "score.batch_size=16"])
     arch = parent_arch(cfg.parent)
     plan = make_plan(cfg, arch, 8, 80 * GiB, "test")
     for stage in ("gkd", "score"):
@@ -60,7 +60,7 @@ def test_the_advice_makes_the_stage_fit():
         assert sets, plan.advice(s)
         fixed = load_config(ROOT / "configs" / "llama3_8b_gpu.yaml",
                             ["gkd.batch_size=64", "gkd.grad_accum=2", "gkd.activation_checkpointing=false",
-                             "scoring.batch_size=16", *sets])
+                             "score.batch_size=16", *sets])
         again = make_plan(fixed, arch, 8, 80 * GiB, "test")
         assert again.fits(next(x for x in again.stages if x.stage == stage)), sets
         if stage == "gkd":  # the sequences per optimizer step are kept

@@ -14,7 +14,7 @@ from puzzlenas.checkpoint import convert_parent
 from puzzlenas.costs import DEVICE_PRESETS, Scenario, estimate_profile, measure_model_scenario
 from puzzlenas.library.space import Alternative, enumerate_alternatives
 from puzzlenas.realize import assemble_child, parent_choices
-from puzzlenas.scoring import compare_logits, score_alternatives
+from puzzlenas.score import compare_logits, score_alternatives
 from puzzlenas.search import parse_factor, parse_size
 from puzzlenas.search.mip import Infeasible, Problem, evaluate, solve
 

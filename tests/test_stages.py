@@ -41,7 +41,7 @@ def cli(capsys, *args) -> tuple[int, list[str], str]:
 @pytest.fixture
 def tiny_cfg(tiny_run):
     raw = yaml.safe_load(tiny_run.read_text())
-    raw["bld"]["tokens"], raw["gkd"]["tokens"], raw["scoring"]["sequences"] = 512, 256, 2  # seconds per stage
+    raw["bld"]["tokens"], raw["gkd"]["tokens"], raw["score"]["sequences"] = 512, 256, 2  # seconds per stage
     tiny_run.write_text(yaml.safe_dump(raw))
     return tiny_run
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..costs.profile import scenario_time
 from ..errors import PuzzleError
 from ..library.space import Alternative
-from ..scoring import damage
+from ..score import damage
 from ..search import layer_alternatives
 from ..utils import atomic_write_json
 
@@ -96,7 +96,7 @@ def run(cfg, workdir: str | Path, scores: dict, profile: dict, alternatives: lis
     out = {}
     for name, fn in (("width", width_baseline), ("depth", depth_baseline)):
         try:
-            sol = fn(profile, scores["scores"], cfg.scoring.metric, alternatives, target)
+            sol = fn(profile, scores["scores"], cfg.score.metric, alternatives, target)
         except PuzzleError as exc:  # a baseline that cannot reach the target is a result, not a crash
             sol = {"infeasible": str(exc)}
         atomic_write_json(Path(workdir) / "baselines" / name / "solution.json", sol)

@@ -79,7 +79,7 @@ def distill_loss(child_out, parent_out, input_ids, cfg) -> tuple[torch.Tensor, d
 
 def validation_kl(child, parent, val_ids: torch.Tensor, batch_size: int = 8) -> float:
     """Mean per-token KL(parent || child) on validation sequences, fp32, in eval mode."""
-    from ..evaluate import kl_and_agreement
+    from ..eval import kl_and_agreement
 
     was_training = child.training
     child.eval()

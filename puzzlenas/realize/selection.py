@@ -65,7 +65,7 @@ def chosen_solution(cfg, workdir: str | Path) -> int:
 
 def selection_sequences(cfg, val: torch.Tensor, tokenizer) -> tuple[dict[str, torch.Tensor], dict]:
     """The held-out token sequences per source, (n, seq_len) int64 each, and what they are."""
-    from ..evaluate.data import resolve_eval_data
+    from ..eval.data import resolve_eval_data
 
     kl = cfg.eval.kl_sequences
     seq_len = val.shape[1]
@@ -107,7 +107,7 @@ def selection_sequences(cfg, val: torch.Tensor, tokenizer) -> tuple[dict[str, to
 
 def measure(child, parent, seqs: dict[str, torch.Tensor], batch_size: int) -> dict:
     """KL(parent || child) and top-1 agreement per source, and their means over the sources."""
-    from ..evaluate import kl_and_agreement
+    from ..eval import kl_and_agreement
 
     per = {name: kl_and_agreement(child, parent, ids, batch_size) for name, ids in seqs.items()}
     kl = {name: r["kl"] for name, r in per.items()}

@@ -158,7 +158,7 @@ def write_report(workdir: str | Path) -> Path:
                       f"{b['damage']:.4f} | {b['params'] / 1e6:.1f} |")
         md.append("")
     if results:
-        from ..evaluate import format_results
+        from ..eval import format_results
 
         md += ["## Evaluation", "", format_results(results),
                f"## Predicted vs measured speed (in {results.get('engine', 'torch')})", "",

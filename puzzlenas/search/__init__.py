@@ -14,7 +14,7 @@ from ..config import parse_factor, parse_size
 from ..costs.profile import alternative_time, decode_steps, scenario_time
 from ..errors import PuzzleError
 from ..library.space import Alternative, pair_name
-from ..scoring import damage
+from ..score import damage
 from ..utils import atomic_write_json
 from .mip import Infeasible, Problem, Solution, evaluate, solve
 
@@ -95,7 +95,7 @@ def _describe(parent_resources):
 def run(cfg, workdir: str | Path, scores: dict, profile: dict, alternatives: list[str]) -> dict:
     from ..engines import get_engine
 
-    problem, parent_resources = build_problem(scores["scores"], profile, cfg.scoring.metric, alternatives,
+    problem, parent_resources = build_problem(scores["scores"], profile, cfg.score.metric, alternatives,
                                               get_engine(cfg.target.engine))
     problem.budgets = budgets_from_config(cfg.search, parent_resources)
     found = solve(problem, cfg.search.solutions, cfg.search.diversity, cfg.search.time_limit_s,
@@ -103,7 +103,7 @@ def run(cfg, workdir: str | Path, scores: dict, profile: dict, alternatives: lis
     out = {
         "device": profile["device"],
         "estimated": profile.get("estimated", False),
-        "metric": cfg.scoring.metric,
+        "metric": cfg.score.metric,
         "budgets": problem.budgets,
         "parent": parent_resources,
         "solutions": [],

@@ -106,14 +106,14 @@ def run(cfg, scores: dict, profile: dict, alternatives: list[str], method: str, 
         metric: str | None = None) -> dict:
     """One heuristic solution in the shape of search/solutions.json (one entry in "solutions"), for
     the same inputs as search.run: replace-1-block scores, a cost profile, the alternatives, and the
-    budgets of cfg.search. `metric` overrides cfg.scoring.metric (the scores hold every metric)."""
+    budgets of cfg.search. `metric` overrides cfg.score.metric (the scores hold every metric)."""
     from ..engines import get_engine
     from ..errors import PuzzleError
     from . import _describe, _parent_index, budgets_from_config, build_problem
 
     if method not in METHODS:
         raise PuzzleError(f"unknown heuristic search {method!r} (known: {', '.join(METHODS)})")
-    metric = metric or cfg.scoring.metric
+    metric = metric or cfg.score.metric
     problem, parent_resources = build_problem(scores["scores"], profile, metric, alternatives,
                                               get_engine(cfg.target.engine))
     problem.budgets = budgets_from_config(cfg.search, parent_resources)

@@ -142,8 +142,8 @@ def run(cfg, workdir: str | Path, parent, data, library: Library, progress: bool
     missing = [a.name for a in alternatives if not library.is_done(a)]
     if missing:
         raise PuzzleError(f"the library lacks {len(missing)} blocks (first: {missing[0]}); run `puzzlenas bld` first")
-    ids = data.val[: cfg.scoring.sequences]
-    key = fingerprint(library_fingerprint(library), data.fingerprint, cfg.scoring.sequences, ids.shape)
+    ids = data.val[: cfg.score.sequences]
+    key = fingerprint(library_fingerprint(library), data.fingerprint, cfg.score.sequences, ids.shape)
     if out_file.is_file():
         import json
 
@@ -151,7 +151,7 @@ def run(cfg, workdir: str | Path, parent, data, library: Library, progress: bool
         if cached.get("fingerprint") == key and set(cached["scores"]) >= {a.name for a in alternatives}:
             return cached
     device = next(parent.parameters()).device
-    scores = score_alternatives(parent, library, alternatives, ids.to(device), cfg.scoring.batch_size, progress)
+    scores = score_alternatives(parent, library, alternatives, ids.to(device), cfg.score.batch_size, progress)
     result = {
         "fingerprint": key,
         "parent_fingerprint": library.parent_fingerprint,
