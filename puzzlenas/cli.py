@@ -117,8 +117,6 @@ def cmd_bld(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from . import bld
-    from .checkpoint.parent import prepare_parent
-    from .data import prepare_data
     from .training import init_distributed
 
     cfg = _load_cfg(args)
@@ -135,14 +133,7 @@ def cmd_bld(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if rank == 0:
-        parent, tokenizer, fp = prepare_parent(cfg.parent, workdir)
-        data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
-    if dist.is_initialized():  # rank 0 converts and caches; the others read its cache
-        dist.barrier()
-    if rank != 0:
-        parent, tokenizer, fp = prepare_parent(cfg.parent, workdir)
-        data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
+    parent, tokenizer, fp, data = _prepare_on_ranks(cfg, workdir, rank)
     # bld.run moves the parent to the device (with bld.parallel=layers, only this rank's layers)
     library = bld.run(cfg, workdir, parent, data, fp, progress=not args.quiet)
     if rank == 0:  # the same stage markers as `puzzlenas run`, so later commands and runs build on this
@@ -153,6 +144,22 @@ def cmd_bld(args: argparse.Namespace) -> None:
         print(bld.summary_table(library))
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _prepare_on_ranks(cfg, workdir, rank: int):
+    """(parent on the CPU, tokenizer, parent fingerprint, data) on every torchrun rank: rank 0
+    converts and caches them first, the others then read its cache."""
+    from .checkpoint.parent import prepare_parent
+    from .data import prepare_data
+    from .training import barrier
+
+    def load():
+        parent, tokenizer, fp = prepare_parent(cfg.parent, workdir)
+        return parent, tokenizer, fp, prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
+
+    first = load() if rank == 0 else None
+    barrier()
+    return first or load()
 
 
 def _run_stages(args: argparse.Namespace, cfg, *stages: str) -> None:
@@ -167,12 +174,34 @@ def _run_stages(args: argparse.Namespace, cfg, *stages: str) -> None:
 
 def cmd_score(args: argparse.Namespace) -> None:
     import json
+    import os
+    import time
     from pathlib import Path
 
     from .score import format_scores
 
-    _run_stages(args, _load_cfg(args), "score")
-    print(format_scores(json.loads((Path(args.workdir) / "scores" / "replace1.json").read_text())))
+    cfg = _load_cfg(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        _run_stages(args, cfg, "score")
+        print(format_scores(json.loads((Path(args.workdir) / "scores" / "replace1.json").read_text())))
+        return
+    # torchrun: score.parallel deals the alternatives, or splits the parent's layers, over the ranks;
+    # score.run moves the parent to the device (with score.parallel=layers, only this rank's layers)
+    from . import score
+    from .pipeline import Context, open_library, record_stage
+    from .training import init_distributed, rank_world, teardown
+
+    init_distributed()
+    rank = rank_world()[0]
+    workdir = Path(args.workdir)
+    t0 = time.perf_counter()
+    parent, tokenizer, fp, data = _prepare_on_ranks(cfg, workdir, rank)
+    library = open_library(workdir, Context(parent, tokenizer, fp, data))
+    result = score.run(cfg, workdir, parent, data, library, progress=not args.quiet)
+    if rank == 0:  # the stage marker `puzzlenas run` leaves, so later commands build on it
+        record_stage(cfg, workdir, "score", {"tokens": result["tokens"]}, time.perf_counter() - t0)
+        print(format_scores(result))
+    teardown()
 
 def cmd_costs(args: argparse.Namespace) -> None:
     import json

@@ -131,6 +131,10 @@ class ScoreConfig(Section):
     metric: Literal["kl", "lm_loss", "agreement"] = "kl"
     sequences: int = Field(16, gt=0)
     batch_size: int = Field(4, gt=0)
+    # under torchrun (the scores are the same either way): "alternatives": every rank holds the
+    # whole parent and scores a share of the alternatives; "layers": the parent's layers are split
+    # over the ranks (for a parent too big for one device), damaged streams pass rank to rank
+    parallel: Literal["alternatives", "layers"] = "alternatives"
 
 
 class ScenarioConfig(Section):

@@ -267,3 +267,44 @@ def test_layer_ranges_cover_the_parent_once():
     assert [sum(p.numel() for p in layer.parameters()) > 0 for layer in parent.model.layers] == [False, False, True]
     with pytest.raises(PuzzleError, match="4 torchrun processes for a parent of 3 layers"):
         LayerPipeline(parent, 0, 4)
+
+
+SCORE_CFG = {**TINY_CFG,
+             "search_space": {"attention": [1, "linear", "no_op"], "ffn": [1.0, 0.5, "linear", "no_op"],
+                              "ffn_multiple_of": 8},
+             "bld": {**TINY_CFG["bld"], "tokens": 256, "coupled": [{"layer": 1, "attention": 1, "ffn": 0.5},
+                                                                   {"layer": 2, "attention": 1, "ffn": 0.5}]},
+             "score": {"batch_size": 3}}  # 8 validation sequences: batches of 3, 3 and 2
+
+
+def test_scoring_split_over_two_ranks_equals_one_process(tmp_path):
+    """score.parallel=layers: rank 0 holds layers 0-1, rank 1 layer 2 and the logits; an alternative
+    of layer 0 or 1 is put in place on rank 0 and its damaged stream finishes on rank 1. With
+    score.parallel=alternatives each rank holds the whole parent and scores half the alternatives.
+    Both write the scores one process writes, bit for bit (fp32: the same tensors, layer for layer)."""
+    from puzzlenas.config import load_config
+    from puzzlenas.pipeline import run_pipeline
+
+    make_tiny_parent("llama").save_pretrained(tmp_path / "parent")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"parent": str(tmp_path / "parent"), **SCORE_CFG}))
+    cfg = str(tmp_path / "cfg.yaml")
+    run_pipeline(load_config(cfg), tmp_path / "one", stages=["data", "bld"], progress=False)  # the library: an input
+    for name in ("layers", "alternatives"):
+        shutil.copytree(tmp_path / "one", tmp_path / name)
+    one = start_cli(["score", cfg, "--workdir", str(tmp_path / "one"), "--quiet"])
+    layers = torchrun(["score", cfg, "--workdir", str(tmp_path / "layers"), "--quiet", "--set", "score.parallel=layers"])
+    alts = torchrun(["score", cfg, "--workdir", str(tmp_path / "alternatives"), "--quiet"])
+    finish(one)
+    out = finish(layers)
+    finish(alts)
+    assert "rank 0 holds layers 0-1" in out and "rank 1 holds layers 2-2" in out
+    scores = {name: json.loads((tmp_path / name / "scores" / "replace1.json").read_text())
+              for name in ("one", "layers", "alternatives")}
+    names = scores["one"]["scores"]
+    assert len(names) == 26 and sum(".pair." in n for n in names) == 2
+    assert scores["layers"] == scores["one"] and scores["alternatives"] == scores["one"]
+    assert any(m["kl"] > 0 for m in names.values())
+    # the stage marker of one process: a later `puzzlenas search` takes the split run's scores as done
+    marker = {name: json.loads((tmp_path / name / "stages" / "score.json").read_text())["fingerprint"]
+              for name in ("one", "layers")}
+    assert marker["layers"] == marker["one"]

@@ -12,6 +12,9 @@ the tensors it sees in one process, and trains to the same block.
 All ranks run the same passes over the same batches in the same order (calibration, validation,
 every training step), a rank with nothing left to train only relaying, so no rank ever waits on
 a pass that another skipped.
+
+Scoring with the parent split the same way (`score.parallel: layers`) uses this class too:
+score/pipeline.py.
 """
 
 from __future__ import annotations
@@ -41,12 +44,13 @@ class LayerPipeline:
 
     relays = True  # callers run it even with nothing to train: the other ranks wait on it
 
-    def __init__(self, parent, rank: int | None = None, world: int | None = None):
+    def __init__(self, parent, rank: int | None = None, world: int | None = None,
+                 setting: str = "bld.parallel=layers"):
         r, w = rank_world()
         self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
         n = parent.config.num_hidden_layers
         if self.world > n:
-            raise PuzzleError(f"bld.parallel=layers: {self.world} torchrun processes for a parent of {n} layers; "
+            raise PuzzleError(f"{setting}: {self.world} torchrun processes for a parent of {n} layers; "
                               f"use at most {n}")
         bounds = [round(n * i / self.world) for i in range(self.world + 1)]
         self.lo, self.hi = bounds[self.rank], bounds[self.rank + 1]
@@ -61,14 +65,23 @@ class LayerPipeline:
             if not self.owns(i):
                 parent.model.layers[i] = _Dropped()
 
+    def recv(self, parent, input_ids: torch.Tensor) -> torch.Tensor:
+        """The (B, T, C) residual stream rank-1 sends for the sequences `input_ids` (B, T)."""
+        B, T = input_ids.shape
+        h = torch.empty(B, T, parent.config.hidden_size, dtype=self.dtype, device=input_ids.device)  # (B, T, C)
+        dist.recv(h, self.rank - 1)
+        return h
+
+    def send(self, h: torch.Tensor) -> None:
+        """Hand the stream `h` (B, T, C) to rank+1."""
+        dist.send(h.detach().to(self.dtype).contiguous(), self.rank + 1)
+
     def __call__(self, parent, input_ids: torch.Tensor, layers: set[int]):
         model = parent.model
         if self.rank == 0:
             embed = model.embed_tokens
         else:
-            B, T = input_ids.shape
-            h = torch.empty(B, T, parent.config.hidden_size, dtype=self.dtype, device=input_ids.device)  # (B, T, C)
-            dist.recv(h, self.rank - 1)
+            h = self.recv(parent, input_ids)
             embed = lambda _ids: h  # noqa: E731  the stream received stands in for the embeddings
         view = SimpleNamespace(model=SimpleNamespace(embed_tokens=embed, rotary_emb=model.rotary_emb,
                                                      layers=model.layers[: self.hi]))
@@ -78,4 +91,4 @@ class LayerPipeline:
                 yield i, a_in, a_out, f_in, f_out, pe
             out = f_in + f_out  # the stream leaving layer i
         if self.rank < self.world - 1:
-            dist.send(out.detach().to(self.dtype).contiguous(), self.rank + 1)
+            self.send(out)

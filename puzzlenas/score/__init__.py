@@ -10,6 +10,9 @@ computed once per batch and only layers i..N run per alternative. Parent alterna
 definition and are not run.
 
 Output: scores/replace1.json = {library fingerprint, metric settings, per-alternative metrics}.
+
+Under torchrun `score.parallel` deals the alternatives over the ranks, or splits the parent's
+layers over them (pipeline.py); the scores are the same.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ..library.space import (
     target_alternatives,
 )
 from ..library.store import Library
+from ..training import barrier, rank_world
 from ..utils import atomic_write_json, fingerprint
 
 log = logging.getLogger(__name__)
@@ -64,18 +68,38 @@ def _run_tail(parent, h: torch.Tensor, start_layer: int, pe) -> torch.Tensor:
     return parent.lm_head(parent.model.norm(h))
 
 
+def load_blocks(parent, library: Library, alternatives) -> dict:
+    """The trained blocks of `alternatives` on the parent's device and dtype (none for a no-op)."""
+    p = next(parent.parameters())
+    blocks = {}
+    for a in alternatives:
+        block = build_unit(parent.config, a)
+        if block is not None:
+            block.load_state_dict(library.load_block(a))
+            blocks[a] = block.to(device=p.device, dtype=p.dtype).eval()
+    return blocks
+
+
+def leave_layer(parent_layer, a: Alternative, block, h_attn: torch.Tensor, h_ffn: torch.Tensor, pe) -> torch.Tensor:
+    """The (B, T, C) stream leaving layer a.layer with `block` (None: a no-op) in place of the
+    parent's; h_attn / h_ffn: the parent's stream entering its attention / FFN."""
+    if a.sub == "attention":
+        h2 = h_attn if block is None else h_attn + block(h_attn, pe)
+        if parent_layer.mlp is not None:
+            h2 = h2 + parent_layer.mlp(parent_layer.post_attention_layernorm(h2))
+        return h2
+    if a.sub == "ffn":
+        return h_ffn if block is None else h_ffn + block(h_ffn, pe)
+    return h_attn + block(h_attn, pe)  # a coupled pair replaces the whole layer
+
+
 @torch.no_grad()
 def score_alternatives(parent, library: Library | None, alternatives: list[Alternative], ids: torch.Tensor,
                        batch_size: int = 4, progress: bool = True) -> dict[str, dict]:
     """Replace-1-block metrics for `alternatives` on token sequences `ids` (N, T)."""
     device = next(parent.parameters()).device
-    todo = [a for a in alternatives if isinstance(a, CoupledPair) or not is_parent_alternative(a, parent.config)]
-    blocks = {}
-    for a in todo:
-        block = build_unit(parent.config, a)
-        if block is not None:
-            block.load_state_dict(library.load_block(a))
-            blocks[a] = block.to(device=device, dtype=next(parent.parameters()).dtype).eval()
+    todo = to_run(alternatives, parent.config)
+    blocks = load_blocks(parent, library, todo)
     totals = {a: {"kl": 0.0, "nll": 0.0, "agree": 0, "n": 0} for a in todo}
     parent_nll, n_tokens = 0.0, 0
     by_layer: dict[int, list[Alternative]] = {}
@@ -98,23 +122,24 @@ def score_alternatives(parent, library: Library | None, alternatives: list[Alter
         n_tokens += labels.numel()
         for layer_idx, alts in sorted(by_layer.items()):
             h_attn, h_ffn = entering[layer_idx]
-            parent_layer = model.layers[layer_idx]
             for a in alts:
-                block = blocks.get(a)
-                if a.sub == "attention":
-                    h2 = h_attn if block is None else h_attn + block(h_attn, pe)
-                    if parent_layer.mlp is not None:
-                        h2 = h2 + parent_layer.mlp(parent_layer.post_attention_layernorm(h2))
-                elif a.sub == "ffn":
-                    h2 = h_ffn if block is None else h_ffn + block(h_ffn, pe)
-                else:  # a coupled pair replaces the whole layer
-                    h2 = h_attn + block(h_attn, pe)
+                h2 = leave_layer(model.layers[layer_idx], a, blocks.get(a), h_attn, h_ffn, pe)
                 logits = _run_tail(parent, h2, layer_idx + 1, pe)[:, :-1].flatten(0, 1)
                 m = compare_logits(parent_logp, logits, labels)
                 for k in totals[a]:
                     totals[a][k] += m[k]
                 bar.update(1)
     bar.close()
+    return summarize(alternatives, totals, parent_nll, n_tokens)
+
+
+def to_run(alternatives: list[Alternative], config) -> list[Alternative]:
+    """The alternatives that are run (parent alternatives score 0 by definition)."""
+    return [a for a in alternatives if isinstance(a, CoupledPair) or not is_parent_alternative(a, config)]
+
+
+def summarize(alternatives: list[Alternative], totals: dict, parent_nll: float, n_tokens: int) -> dict[str, dict]:
+    """Per-alternative metrics from the sums over all tokens (`totals` of the alternatives run)."""
     parent_loss = parent_nll / n_tokens
     out = {}
     for a in alternatives:
@@ -150,15 +175,22 @@ def run(cfg, workdir: str | Path, parent, data, library: Library, progress: bool
         cached = json.loads(out_file.read_text())
         if cached.get("fingerprint") == key and set(cached["scores"]) >= {a.name for a in alternatives}:
             return cached
-    device = next(parent.parameters()).device
-    scores = score_alternatives(parent, library, alternatives, ids.to(device), cfg.score.batch_size, progress)
+    if rank_world()[1] > 1:  # torchrun: the alternatives or the parent's layers split over the ranks
+        from .pipeline import score_over_ranks
+
+        scores = score_over_ranks(cfg, parent, library, alternatives, ids, progress)
+    else:
+        device = next(parent.parameters()).device
+        scores = score_alternatives(parent, library, alternatives, ids.to(device), cfg.score.batch_size, progress)
     result = {
         "fingerprint": key,
         "parent_fingerprint": library.parent_fingerprint,
         "tokens": int(ids[:, 1:].numel()),
         "scores": scores,
     }
-    atomic_write_json(out_file, result)
+    if rank_world()[0] == 0:
+        atomic_write_json(out_file, result)
+    barrier()
     return result
 
 

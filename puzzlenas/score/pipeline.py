@@ -1,0 +1,117 @@
+"""Scoring under torchrun: the alternatives dealt over the ranks, or the parent's layers split over them.
+
+    torchrun --nproc-per-node 2 -m puzzlenas score CONFIG --workdir W --set score.parallel=layers
+
+`score.parallel: alternatives` (the default): every rank holds the whole parent and scores every
+world-th alternative; rank 0 gathers the metrics.
+
+`score.parallel: layers` (a parent too big for one device): rank r keeps only its contiguous range
+of the parent's decoder layers (bld.pipeline.LayerPipeline, as BLD's layer split). Per batch:
+  1. the parent's own stream goes rank to rank once; each rank keeps the stream entering the
+     attention and the FFN of each of its layers (B, T, C); the last rank makes the parent's
+     log-probs from the stream leaving layer N-1
+  2. for every alternative, in layer order: the rank holding its layer puts it in place of the
+     parent's block, runs the rest of its own layers and sends the damaged stream on; each later
+     rank runs all its layers on it and sends it on; the last rank compares the logits with the
+     parent's and adds the alternative's sums
+Every rank walks the alternatives in the same order, so each send meets its receive, and a rank
+computes the next damaged stream while the later ones carry the last. The last rank broadcasts
+the sums. The tensors are those one process computes, layer for layer, so in fp32 the scores
+equal one process's bit for bit (tests/test_distributed.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..bld.pipeline import LayerPipeline
+from ..library.space import Alternative
+from ..library.store import Library
+from ..training import rank_world
+from ..utils import pick_device
+from . import _run_tail, compare_logits, leave_layer, load_blocks, score_alternatives, summarize, to_run
+
+log = logging.getLogger(__name__)
+
+_SUMS = ("kl", "nll", "agree", "n")
+
+
+def score_over_ranks(cfg, parent, library: Library, alternatives: list[Alternative], ids: torch.Tensor,
+                     progress: bool = True) -> dict[str, dict]:
+    """Replace-1-block metrics of `alternatives`, the work split over the torchrun ranks as
+    cfg.score.parallel says; every rank returns all of them. `parent` may still be on the CPU."""
+    rank, world = rank_world()
+    if cfg.score.parallel == "layers":
+        pipeline = LayerPipeline(parent, setting="score.parallel=layers")
+        pipeline.drop_others(parent)  # before the move: the device holds this rank's layers only
+        parent.to(pick_device())
+        return score_split(parent, library, alternatives, ids, cfg.score.batch_size, pipeline,
+                           progress and rank == world - 1)
+    parent.to(pick_device())
+    device = next(parent.parameters()).device
+    mine = score_alternatives(parent, library, alternatives[rank::world], ids.to(device), cfg.score.batch_size,
+                              progress and rank == 0)
+    parts: list[dict] = [{} for _ in range(world)]
+    dist.all_gather_object(parts, mine)
+    merged = {name: m for part in parts for name, m in part.items()}
+    return {a.name: merged[a.name] for a in alternatives}
+
+
+@torch.no_grad()
+def score_split(parent, library: Library, alternatives: list[Alternative], ids: torch.Tensor, batch_size: int,
+                pipeline: LayerPipeline, progress: bool = True) -> dict[str, dict]:
+    """score_alternatives with the parent's layers split over the ranks (module doc); every rank
+    calls it with the same arguments and gets the same result."""
+    device = next(parent.parameters()).device
+    last = pipeline.world - 1
+    todo = sorted(to_run(alternatives, parent.config), key=lambda a: a.layer)  # the order every rank walks
+    blocks = load_blocks(parent, library, [a for a in todo if pipeline.owns(a.layer)])
+    here = [a for a in todo if a.layer < pipeline.hi]  # this rank's and those its stream comes from
+    log.info("score.parallel=layers: rank %d holds layers %d-%d, runs %d of %d alternatives' streams",
+             pipeline.rank, pipeline.lo, pipeline.hi - 1, len(here), len(todo))
+    totals = {a: dict.fromkeys(_SUMS, 0) for a in todo}
+    parent_nll, n_tokens = 0.0, 0
+    bar = tqdm(total=len(todo) * ((len(ids) + batch_size - 1) // batch_size), desc="scoring", unit="alt",
+               disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(ids), batch_size):
+        batch = ids[start : start + batch_size].to(device)
+        labels = batch[:, 1:].flatten()
+        entering = {}  # layer -> (residual entering attention, entering FFN), this rank's layers
+        for i, a_in, _, f_in, f_out, pe_i in pipeline(parent, batch, set(range(pipeline.lo, pipeline.hi))):
+            entering[i], pe = (a_in, f_in), pe_i
+            h = f_in + f_out  # leaving layer i; the parent's output after the last rank's last layer
+        if pipeline.rank == last:
+            parent_logits = parent.lm_head(parent.model.norm(h))[:, :-1].flatten(0, 1)
+            parent_logp = F.log_softmax(parent_logits.float(), dim=-1)
+            parent_nll += F.nll_loss(parent_logp, labels, reduction="sum").item()
+            n_tokens += labels.numel()
+        for a in here:
+            if pipeline.owns(a.layer):
+                h_attn, h_ffn = entering[a.layer]
+                h2 = leave_layer(parent.model.layers[a.layer], a, blocks.get(a), h_attn, h_ffn, pe)
+                first = a.layer + 1
+            else:  # damaged upstream
+                h2, first = pipeline.recv(parent, batch), pipeline.lo
+            if pipeline.rank < last:
+                for layer in parent.model.layers[first : pipeline.hi]:
+                    h2 = layer(h2, pe)
+                pipeline.send(h2)
+                continue
+            logits = _run_tail(parent, h2, first, pe)[:, :-1].flatten(0, 1)
+            m = compare_logits(parent_logp, logits, labels)
+            for k in _SUMS:
+                totals[a][k] += m[k]
+            bar.update(1)
+    bar.close()
+    # the sums live on the last rank: broadcast them (float64 holds the Python floats and the counts exactly)
+    sums = torch.tensor([[totals[a][k] for k in _SUMS] for a in todo] + [[parent_nll, n_tokens, 0, 0]],
+                        dtype=torch.float64, device=device)
+    dist.broadcast(sums, last)
+    rows = sums.tolist()
+    totals = {a: {"kl": r[0], "nll": r[1], "agree": int(r[2]), "n": int(r[3])} for a, r in zip(todo, rows)}
+    return summarize(alternatives, totals, rows[-1][0], int(rows[-1][1]))
