@@ -221,6 +221,9 @@ class Plan:
             return f"{over}: {fix}"
         if s.stage == "bld" and self.cfg.bld.parallel == "alternatives" and s.part("weights") > cap / 2:
             return f"{over}: every rank holds the whole parent; set bld.parallel=layers to split its layers over the ranks"
+        if s.stage == "score" and self.cfg.score.parallel == "alternatives" and s.part("weights") > cap / 2:
+            return (f"{over}: every rank holds the whole parent; set score.parallel=layers (torchrun -m puzzlenas score) "
+                    "to split its layers over the ranks")
         if s.sharded:  # more devices: the whole plan again with 2x, 4x, ... as many
             for need in (self.devices * 2**k for k in range(1, 12)):
                 bigger = make_plan(self.cfg, self.arch, need, self.device_bytes, self.device_name, True)
@@ -328,13 +331,27 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
     s.batch = ("bld.batch_size", B, act_per)
     stages.append(s)
 
-    # score: one device, the whole parent, every layer's traced activations of a batch, two log-softmaxes
+    # score: the whole parent on each device and every layer's traced activations of a batch, or
+    # (score.parallel=layers) its layers split over the ranks, each keeping the parent's stream
+    # entering the attention and FFN of its own layers; the last rank also holds two log-softmaxes
     B = cfg.score.batch_size
-    s = StagePlan("score", "1 device, whole parent")
-    s.items.append(Item("weights", "parent", W, f"{P / 1e9:.2f}B x {bw} B"))
-    traced = 4 * L * S * h * bw
     logits = S * V * (2 * bw + 16)  # both models' logits, their fp32 log-probs, the KL terms
-    s.items.append(Item("activations", "traced parent (4 per layer)", B * traced, f"4 x {L} layers x {B} seq x {S} tok x {h} x {bw} B"))
+    if cfg.score.parallel == "layers":
+        per = math.ceil(L / N)
+        ends = 2 if N == 1 and not arch.tie_word_embeddings else 1  # embedding on the first rank, LM head on the last
+        s = StagePlan("score", f"parent layers split over {N} rank{'s' * (N > 1)} ({per} layers each), "
+                               "damaged streams passed on (score.parallel=layers)", sharded=True)
+        s.items.append(Item("weights", "parent layers + embedding or LM head", (per * arch.layer_params + ends * arch.embed_params) * bw,
+                            f"({per} layers x {arch.layer_params / 1e6:.0f}M + {ends} x {arch.embed_params / 1e6:.0f}M) x {bw} B"))
+        traced = 2 * per * S * h * bw
+        s.items.append(Item("activations", "parent's stream (2 per own layer)", B * traced,
+                            f"2 x {per} layers x {B} seq x {S} tok x {h} x {bw} B"))
+    else:
+        each = "1 device" if N == 1 else f"each of {N} ranks, alternatives split (score.parallel=alternatives)"
+        s = StagePlan("score", f"whole parent on {each}")
+        s.items.append(Item("weights", "parent", W, f"{P / 1e9:.2f}B x {bw} B"))
+        traced = 4 * L * S * h * bw
+        s.items.append(Item("activations", "traced parent (4 per layer)", B * traced, f"4 x {L} layers x {B} seq x {S} tok x {h} x {bw} B"))
     s.items.append(Item("activations", "logits, log-probs, KL of two models", B * logits,
                         f"{B} seq x {S} tok x {V} x (2x{bw} + 16) B"))
     s.batch = ("score.batch_size", B, traced + logits)

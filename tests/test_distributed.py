@@ -278,7 +278,8 @@ SCORE_CFG = {**TINY_CFG,
 
 
 def test_scoring_split_over_two_ranks_equals_one_process(tmp_path):
-    """score.parallel=layers: rank 0 holds layers 0-1, rank 1 layer 2 and the logits; an alternative
+    """score.parallel=layers: rank 0 holds layers 0-1 and the embedding, rank 1 layer 2 and the LM
+    head; an alternative
     of layer 0 or 1 is put in place on rank 0 and its damaged stream finishes on rank 1. With
     score.parallel=alternatives each rank holds the whole parent and scores half the alternatives.
     Both write the scores one process writes, bit for bit (fp32: the same tensors, layer for layer)."""
@@ -297,7 +298,7 @@ def test_scoring_split_over_two_ranks_equals_one_process(tmp_path):
     finish(one)
     out = finish(layers)
     finish(alts)
-    assert "rank 0 holds layers 0-1" in out and "rank 1 holds layers 2-2" in out
+    assert "rank 0 holds layers 0-1 + embedding:" in out and "rank 1 holds layers 2-2 + LM head:" in out
     scores = {name: json.loads((tmp_path / name / "scores" / "replace1.json").read_text())
               for name in ("one", "layers", "alternatives")}
     names = scores["one"]["scores"]

@@ -84,6 +84,21 @@ def test_more_devices_for_bld_when_the_weights_do_not_fit():
         next(x for x in make_plan(cfg, parent_arch(cfg.parent), need, 80 * GiB, "t").stages if x.stage == "bld"))
 
 
+def test_score_with_the_parents_layers_split_fits_where_the_whole_parent_does_not():
+    cfg = load_config(ROOT / "configs" / "llama3_70b_node.yaml")
+    arch = parent_arch(cfg.parent)
+    whole = make_plan(cfg, arch, 8, 80 * GiB, "t")
+    s = next(x for x in whole.stages if x.stage == "score")
+    assert not whole.fits(s) and "set score.parallel=layers" in whole.advice(s)
+    cfg.score.parallel = "layers"
+    split = make_plan(cfg, arch, 8, 80 * GiB, "t")
+    t = next(x for x in split.stages if x.stage == "score")
+    assert split.fits(t) and "10 layers each" in t.strategy
+    # 10 of the 80 layers and one of the two vocabulary matrices (embedding on rank 0, LM head on the last)
+    assert t.part("weights") == (10 * arch.layer_params + arch.embed_params) * 2
+    assert t.part("activations") < s.part("activations")
+
+
 def test_the_run_refuses_a_stage_that_does_not_fit_before_any_work():
     cfg = load_config(ROOT / "configs" / "llama3_8b_gpu.yaml")
     with pytest.raises(PuzzleError, match=r"memory plan: bld: .* needs \d+ such devices") as info:

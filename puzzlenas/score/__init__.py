@@ -26,17 +26,12 @@ from tqdm.auto import tqdm
 
 from ..errors import PuzzleError
 from ..library.init import trace_parent
-from ..library.space import (
-    Alternative,
-    CoupledPair,
-    build_unit,
-    enumerate_pairs,
-    is_parent_alternative,
-    target_alternatives,
-)
+from ..library.space import Alternative, enumerate_pairs, target_alternatives
 from ..library.store import Library
 from ..training import barrier, rank_world
 from ..utils import atomic_write_json, fingerprint
+from .pipeline import gather_scores, place_parent, score_split
+from .replace import compare_logits, leave_layer, load_blocks, run_tail, to_run
 
 log = logging.getLogger(__name__)
 
@@ -50,47 +45,6 @@ def damage(metrics: dict, metric: str) -> float:
     if metric == "agreement":
         return 1.0 - metrics["agreement"]
     raise PuzzleError(f"unknown scoring metric {metric!r} (accepted: kl, lm_loss, agreement)")
-
-
-def compare_logits(parent_logp: torch.Tensor, child_logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Summed (not averaged) KL, child NLL and agreement over the (N, V) positions."""
-    child_logp = F.log_softmax(child_logits.float(), dim=-1)
-    kl = (parent_logp.exp() * (parent_logp - child_logp)).sum(-1)
-    nll = F.nll_loss(child_logp, labels, reduction="sum")
-    agree = (child_logp.argmax(-1) == parent_logp.argmax(-1)).sum()
-    return {"kl": kl.sum().item(), "nll": nll.item(), "agree": agree.item(), "n": labels.numel()}
-
-
-def _run_tail(parent, h: torch.Tensor, start_layer: int, pe) -> torch.Tensor:
-    """Layers start_layer..N of the parent, then the final norm and LM head: (B, T, V) logits."""
-    for layer in parent.model.layers[start_layer:]:
-        h = layer(h, pe)
-    return parent.lm_head(parent.model.norm(h))
-
-
-def load_blocks(parent, library: Library, alternatives) -> dict:
-    """The trained blocks of `alternatives` on the parent's device and dtype (none for a no-op)."""
-    p = next(parent.parameters())
-    blocks = {}
-    for a in alternatives:
-        block = build_unit(parent.config, a)
-        if block is not None:
-            block.load_state_dict(library.load_block(a))
-            blocks[a] = block.to(device=p.device, dtype=p.dtype).eval()
-    return blocks
-
-
-def leave_layer(parent_layer, a: Alternative, block, h_attn: torch.Tensor, h_ffn: torch.Tensor, pe) -> torch.Tensor:
-    """The (B, T, C) stream leaving layer a.layer with `block` (None: a no-op) in place of the
-    parent's; h_attn / h_ffn: the parent's stream entering its attention / FFN."""
-    if a.sub == "attention":
-        h2 = h_attn if block is None else h_attn + block(h_attn, pe)
-        if parent_layer.mlp is not None:
-            h2 = h2 + parent_layer.mlp(parent_layer.post_attention_layernorm(h2))
-        return h2
-    if a.sub == "ffn":
-        return h_ffn if block is None else h_ffn + block(h_ffn, pe)
-    return h_attn + block(h_attn, pe)  # a coupled pair replaces the whole layer
 
 
 @torch.no_grad()
@@ -124,18 +78,13 @@ def score_alternatives(parent, library: Library | None, alternatives: list[Alter
             h_attn, h_ffn = entering[layer_idx]
             for a in alts:
                 h2 = leave_layer(model.layers[layer_idx], a, blocks.get(a), h_attn, h_ffn, pe)
-                logits = _run_tail(parent, h2, layer_idx + 1, pe)[:, :-1].flatten(0, 1)
+                logits = run_tail(parent, h2, layer_idx + 1, pe)[:, :-1].flatten(0, 1)
                 m = compare_logits(parent_logp, logits, labels)
                 for k in totals[a]:
                     totals[a][k] += m[k]
                 bar.update(1)
     bar.close()
     return summarize(alternatives, totals, parent_nll, n_tokens)
-
-
-def to_run(alternatives: list[Alternative], config) -> list[Alternative]:
-    """The alternatives that are run (parent alternatives score 0 by definition)."""
-    return [a for a in alternatives if isinstance(a, CoupledPair) or not is_parent_alternative(a, config)]
 
 
 def summarize(alternatives: list[Alternative], totals: dict, parent_nll: float, n_tokens: int) -> dict[str, dict]:
@@ -175,20 +124,23 @@ def run(cfg, workdir: str | Path, parent, data, library: Library, progress: bool
         cached = json.loads(out_file.read_text())
         if cached.get("fingerprint") == key and set(cached["scores"]) >= {a.name for a in alternatives}:
             return cached
-    if rank_world()[1] > 1:  # torchrun: the alternatives or the parent's layers split over the ranks
-        from .pipeline import score_over_ranks
-
-        scores = score_over_ranks(cfg, parent, library, alternatives, ids, progress)
-    else:
+    rank, world = rank_world()
+    pipeline = place_parent(cfg, parent)  # torchrun: onto this rank's device, with score.parallel=layers split
+    if pipeline is not None:
+        scores = summarize(alternatives, *score_split(parent, library, alternatives, ids, cfg.score.batch_size,
+                                                      pipeline, progress))
+    else:  # one process; or torchrun's score.parallel=alternatives: each rank every world-th alternative
         device = next(parent.parameters()).device
-        scores = score_alternatives(parent, library, alternatives, ids.to(device), cfg.score.batch_size, progress)
+        mine = score_alternatives(parent, library, alternatives[rank::world], ids.to(device), cfg.score.batch_size,
+                                  progress and rank == 0)
+        scores = gather_scores(mine, alternatives)
     result = {
         "fingerprint": key,
         "parent_fingerprint": library.parent_fingerprint,
         "tokens": int(ids[:, 1:].numel()),
         "scores": scores,
     }
-    if rank_world()[0] == 0:
+    if rank == 0:
         atomic_write_json(out_file, result)
     barrier()
     return result

@@ -3,10 +3,11 @@
     torchrun --nproc-per-node 2 -m puzzlenas score CONFIG --workdir W --set score.parallel=layers
 
 `score.parallel: alternatives` (the default): every rank holds the whole parent and scores every
-world-th alternative; rank 0 gathers the metrics.
+world-th alternative (score_alternatives); gather_scores merges them on every rank.
 
 `score.parallel: layers` (a parent too big for one device): rank r keeps only its contiguous range
-of the parent's decoder layers (bld.pipeline.LayerPipeline, as BLD's layer split). Per batch:
+of the parent's decoder layers (bld.pipeline.LayerPipeline, as BLD's layer split), the first
+rank the embedding, the last the final norm and LM head. Per batch:
   1. the parent's own stream goes rank to rank once; each rank keeps the stream entering the
      attention and the FFN of each of its layers (B, T, C); the last rank makes the parent's
      log-probs from the stream leaving layer N-1
@@ -34,50 +35,63 @@ from ..library.space import Alternative
 from ..library.store import Library
 from ..training import rank_world
 from ..utils import pick_device
-from . import _run_tail, compare_logits, leave_layer, load_blocks, score_alternatives, summarize, to_run
+from .replace import compare_logits, leave_layer, load_blocks, run_tail, to_run
 
 log = logging.getLogger(__name__)
 
 _SUMS = ("kl", "nll", "agree", "n")
 
 
-def score_over_ranks(cfg, parent, library: Library, alternatives: list[Alternative], ids: torch.Tensor,
-                     progress: bool = True) -> dict[str, dict]:
-    """Replace-1-block metrics of `alternatives`, the work split over the torchrun ranks as
-    cfg.score.parallel says; every rank returns all of them. `parent` may still be on the CPU."""
+def place_parent(cfg, parent) -> LayerPipeline | None:
+    """Under torchrun, move `parent` (on the CPU) to this rank's device; with score.parallel=layers
+    first drop what other ranks hold and return this rank's LayerPipeline. One process: nothing."""
     rank, world = rank_world()
+    if world == 1:
+        return None
+    pipeline = None
     if cfg.score.parallel == "layers":
         pipeline = LayerPipeline(parent, setting="score.parallel=layers")
-        pipeline.drop_others(parent)  # before the move: the device holds this rank's layers only
-        parent.to(pick_device())
-        return score_split(parent, library, alternatives, ids, cfg.score.batch_size, pipeline,
-                           progress and rank == world - 1)
+        total = sum(p.numel() for p in parent.parameters())
+        # before the move: the device holds this rank's layers only, the embedding only on the
+        # first rank, the LM head only on the last (tied, the one matrix stays where either is used)
+        pipeline.drop_others(parent)
+        if rank > 0:
+            parent.model.embed_tokens = None
+        if rank < world - 1:
+            parent.lm_head = None
+        log.info("score.parallel=layers: rank %d holds layers %d-%d%s%s: %.2fM of the parent's %.2fM parameters",
+                 rank, pipeline.lo, pipeline.hi - 1, " + embedding" * (rank == 0), " + LM head" * (rank == world - 1),
+                 sum(p.numel() for p in parent.parameters()) / 1e6, total / 1e6)
     parent.to(pick_device())
-    device = next(parent.parameters()).device
-    mine = score_alternatives(parent, library, alternatives[rank::world], ids.to(device), cfg.score.batch_size,
-                              progress and rank == 0)
-    parts: list[dict] = [{} for _ in range(world)]
-    dist.all_gather_object(parts, mine)
+    return pipeline
+
+
+def gather_scores(mine: dict[str, dict], alternatives: list[Alternative]) -> dict[str, dict]:
+    """Every rank's metrics of its share of `alternatives` (score.parallel=alternatives), merged in
+    the order of `alternatives`, on every rank. One process: its own, in that order."""
+    parts = [mine]
+    if rank_world()[1] > 1:
+        parts = [{} for _ in range(rank_world()[1])]
+        dist.all_gather_object(parts, mine)
     merged = {name: m for part in parts for name, m in part.items()}
     return {a.name: merged[a.name] for a in alternatives}
 
 
 @torch.no_grad()
 def score_split(parent, library: Library, alternatives: list[Alternative], ids: torch.Tensor, batch_size: int,
-                pipeline: LayerPipeline, progress: bool = True) -> dict[str, dict]:
-    """score_alternatives with the parent's layers split over the ranks (module doc); every rank
-    calls it with the same arguments and gets the same result."""
+                pipeline: LayerPipeline, progress: bool = True) -> tuple[dict, float, int]:
+    """score_alternatives' sums with the parent's layers split over the ranks (module doc): per
+    alternative run {kl, nll, agree, n}, the parent's NLL and the token count, for score.summarize.
+    Every rank calls it with the same arguments and gets the same sums; the last shows the progress."""
     device = next(parent.parameters()).device
     last = pipeline.world - 1
     todo = sorted(to_run(alternatives, parent.config), key=lambda a: a.layer)  # the order every rank walks
     blocks = load_blocks(parent, library, [a for a in todo if pipeline.owns(a.layer)])
     here = [a for a in todo if a.layer < pipeline.hi]  # this rank's and those its stream comes from
-    log.info("score.parallel=layers: rank %d holds layers %d-%d, runs %d of %d alternatives' streams",
-             pipeline.rank, pipeline.lo, pipeline.hi - 1, len(here), len(todo))
     totals = {a: dict.fromkeys(_SUMS, 0) for a in todo}
     parent_nll, n_tokens = 0.0, 0
     bar = tqdm(total=len(todo) * ((len(ids) + batch_size - 1) // batch_size), desc="scoring", unit="alt",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or pipeline.rank != last, dynamic_ncols=True)
     for start in range(0, len(ids), batch_size):
         batch = ids[start : start + batch_size].to(device)
         labels = batch[:, 1:].flatten()
@@ -102,7 +116,7 @@ def score_split(parent, library: Library, alternatives: list[Alternative], ids: 
                     h2 = layer(h2, pe)
                 pipeline.send(h2)
                 continue
-            logits = _run_tail(parent, h2, first, pe)[:, :-1].flatten(0, 1)
+            logits = run_tail(parent, h2, first, pe)[:, :-1].flatten(0, 1)
             m = compare_logits(parent_logp, logits, labels)
             for k in _SUMS:
                 totals[a][k] += m[k]
@@ -114,4 +128,4 @@ def score_split(parent, library: Library, alternatives: list[Alternative], ids: 
     dist.broadcast(sums, last)
     rows = sums.tolist()
     totals = {a: {"kl": r[0], "nll": r[1], "agree": int(r[2]), "n": int(r[3])} for a, r in zip(todo, rows)}
-    return summarize(alternatives, totals, rows[-1][0], int(rows[-1][1]))
+    return totals, rows[-1][0], int(rows[-1][1])
