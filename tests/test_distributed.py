@@ -265,8 +265,10 @@ def test_layer_ranges_cover_the_parent_once():
     assert owned == [[0, 1], [2]]
     LayerPipeline(parent, 1, 2).drop_others(parent)
     assert [sum(p.numel() for p in layer.parameters()) > 0 for layer in parent.model.layers] == [False, False, True]
-    with pytest.raises(PuzzleError, match="4 torchrun processes for a parent of 3 layers"):
+    with pytest.raises(PuzzleError, match="bld.parallel=layers: 4 torchrun processes for a parent of 3 layers"):
         LayerPipeline(parent, 0, 4)
+    with pytest.raises(PuzzleError, match="score.parallel=layers: 4 torchrun processes"):
+        LayerPipeline(parent, 0, 4, setting="score.parallel=layers")
 
 
 SCORE_CFG = {**TINY_CFG,
