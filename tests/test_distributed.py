@@ -281,10 +281,10 @@ SCORE_CFG = {**TINY_CFG,
 
 def test_scoring_split_over_two_ranks_equals_one_process(tmp_path):
     """score.parallel=layers: rank 0 holds layers 0-1 and the embedding, rank 1 layer 2 and the LM
-    head; an alternative
-    of layer 0 or 1 is put in place on rank 0 and its damaged stream finishes on rank 1. With
-    score.parallel=alternatives each rank holds the whole parent and scores half the alternatives.
-    Both write the scores one process writes, bit for bit (fp32: the same tensors, layer for layer)."""
+    head; an alternative of layer 0 or 1 is put in place on rank 0 and its damaged stream finishes
+    on rank 1. With score.parallel=alternatives each rank holds the whole parent and scores half
+    the alternatives. Both write the file one process writes, byte for byte (fp32: the same
+    tensors, layer for layer; one thread in every process, as the workers run)."""
     from puzzlenas.config import load_config
     from puzzlenas.pipeline import run_pipeline
 
@@ -294,10 +294,14 @@ def test_scoring_split_over_two_ranks_equals_one_process(tmp_path):
     run_pipeline(load_config(cfg), tmp_path / "one", stages=["data", "bld"], progress=False)  # the library: an input
     for name in ("layers", "alternatives"):
         shutil.copytree(tmp_path / "one", tmp_path / name)
-    one = start_cli(["score", cfg, "--workdir", str(tmp_path / "one"), "--quiet"])
     layers = torchrun(["score", cfg, "--workdir", str(tmp_path / "layers"), "--quiet", "--set", "score.parallel=layers"])
     alts = torchrun(["score", cfg, "--workdir", str(tmp_path / "alternatives"), "--quiet"])
-    finish(one)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in the workers
+    try:
+        run_pipeline(load_config(cfg), tmp_path / "one", stages=["score"], progress=False)  # one process, here
+    finally:
+        torch.set_num_threads(threads)
     out = finish(layers)
     finish(alts)
     assert "rank 0 holds layers 0-1 + embedding:" in out and "rank 1 holds layers 2-2 + LM head:" in out
