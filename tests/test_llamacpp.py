@@ -203,7 +203,7 @@ def test_smollm2_child_gguf_matches_pytorch(smollm2_checkpoint, tmp_path):
     Measured (2-core CPU, llama.cpp f32 KV cache): parent q8_0 agreement 0.959, ppl ratio 1.004;
     this child (ppl 40.1, parent 30.0) q8_0 0.957 / 0.999, q4_1 0.954 / 1.012.
 
-    The child is placed as the search places blocks (SMOLLM2_PLAN). A child with the same kinds put
+    Each kind sits where replace-1 scoring found it least harmful (SMOLLM2_PLAN). A child with the same kinds put
     where they damage most and initialized crudely (KV 1 in layers 2 and 17, linear attention 0.1 I
     in layer 8, FFN removed in layer 14, an identity layer 20: ppl 95) reaches only 0.931 in q8_0
     (ratio 1.012): its flat distributions have many near-ties (median top-2 margin at the flipped
