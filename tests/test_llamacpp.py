@@ -147,38 +147,46 @@ def test_unsupported_blocks_are_refused(tmp_path):
 
 
 # --- the real parent ---------------------------------------------------------------------------
-def smollm2_heterogeneous_child(parent):
-    """SmolLM2 with, in a few layers, each kind llama.cpp runs, built from the parent's own weights:
-    KV heads mean-pooled, FFN channels cut, a linear attention near the identity map, no-ops."""
-    from puzzlenas.library.space import Alternative
+# Each kind in a layer where it damages SmolLM2 little: the layers of smallest replace-1 KL for that
+# kind in the `quality_vs_speed.py --engine llama.cpp` run (its scores/replace1.json), as puzzlenas's
+# search would place them. KV heads 3 (the parent's) and 1; FFN 1536, 1152, 768 and none.
+SMOLLM2_PLAN = [(25, "attention", "gqa", 1), (18, "attention", "linear", None), (7, "attention", "no_op", None),
+                (13, "ffn", "no_op", None), (16, "ffn", "mlp", 768), (17, "ffn", "mlp", 1152)]
+
+
+def smollm2_heterogeneous_child(parent, tokenizer):
+    """SmolLM2 with each kind llama.cpp runs (SMOLLM2_PLAN), the new blocks initialized as puzzlenas
+    initializes its library before BLD: KV heads mean-pooled, FFN channels kept by contribution,
+    linear attention fitted by ridge least squares, calibrated on 16 x 128 tokens of Alice (not
+    WikiText, on which the test measures)."""
+    from puzzlenas.config import InitConfig
+    from puzzlenas.library.init import collect_calibration, initialize
+    from puzzlenas.library.space import Alternative, SubBlock
     from puzzlenas.realize import assemble_child, parent_choices
 
+    text = (SHARED_DATA / "distill" / "gutenberg" / "pg11_Alice-s-Adventures-in-Wonderland.txt").read_text(encoding="utf-8")
+    calibration = torch.tensor(tokenizer(text[5000: 5000 + 6 * 16 * 128]).input_ids[: 16 * 128]).view(16, 128)
     choices = parent_choices(parent.config)
-    plan = [(2, "attention", "gqa", 1), (5, "ffn", "mlp", 768), (8, "attention", "linear", None),
-            (11, "attention", "no_op", None), (14, "ffn", "no_op", None), (17, "attention", "gqa", 1),
-            (17, "ffn", "mlp", 1024), (20, "attention", "no_op", None), (20, "ffn", "no_op", None)]
-    for layer, sub, kind, size in plan:
+    for layer, sub, kind, size in SMOLLM2_PLAN:
         attn, ffn = choices[layer]
         alt = Alternative(layer, sub, kind, size)
         choices[layer] = (alt, ffn) if sub == "attention" else (attn, alt)
-    child = assemble_child(parent, choices, random_weights=True)
+    child = assemble_child(parent, choices, random_weights=True)  # the parent's blocks copied; the new ones below
+    acts = collect_calibration(parent, calibration, {layer for layer, *_ in SMOLLM2_PLAN})
     with torch.no_grad():
-        for i, (src, dst) in enumerate(zip(parent.model.layers, child.model.layers)):
-            for name, p in dst.named_parameters():
-                q = dict(src.named_parameters())[name] if name in dict(src.named_parameters()) else None
-                if name.endswith("linear_attn.weight"):
-                    p.copy_(torch.eye(p.shape[0]) * 0.1)
-                elif q is not None and q.shape == p.shape:
-                    p.copy_(q)
-                elif q is not None and name.endswith(("gate_proj.weight", "up_proj.weight")):
-                    p.copy_(q[: p.shape[0]])
-                elif q is not None and name.endswith("down_proj.weight"):
-                    p.copy_(q[:, : p.shape[1]])
-                elif q is not None and name.endswith(("k_proj.weight", "v_proj.weight")):  # pool KV heads
-                    kv, d = p.shape[0] // 64, 64
-                    p.copy_(q.view(-1, d, q.shape[1]).view(kv, -1, d, q.shape[1]).mean(1).reshape(p.shape))
-                else:
-                    raise AssertionError(f"layer {i}: {name} {tuple(p.shape)}")
+        for layer, sub, kind, size in SMOLLM2_PLAN:
+            if kind == "no_op":
+                continue
+            alt = Alternative(layer, sub, kind, size)
+            block = SubBlock(parent.config, alt)
+            initialize(block, alt, parent.model.layers[layer], acts[layer], InitConfig())
+            _, unexpected = child.model.layers[layer].load_state_dict(block.state_dict(), strict=False)
+            assert not unexpected, unexpected
+    kinds = [(b.attention.kind, b.attention.num_key_value_heads, b.ffn.kind, b.ffn.intermediate_size)
+             for b in child.config.block_configs]
+    assert {k[1] for k in kinds if k[0] == "gqa"} == {1, 3} and {k[3] for k in kinds if k[2] == "mlp"} == {768, 1152, 1536}
+    assert any(k[0] == "no_op" for k in kinds) and any(k[0] == "linear" for k in kinds)
+    assert any(k[0] == "gqa" and k[2] == "no_op" for k in kinds)  # attention whose FFN was removed
     return child.eval()
 
 
@@ -192,10 +200,18 @@ def test_smollm2_child_gguf_matches_pytorch(smollm2_checkpoint, tmp_path):
     """f32: next-token logits within 1e-3 on 4 prompts. Quantized: top-1 agreement with the PyTorch
     f32 model and the WikiText-2 perplexity ratio on 2048 tokens (4 windows of 512), printed.
 
-    Measured (2-core CPU): parent q8_0 agreement 0.958, ppl ratio 1.005; this child (ppl 95, flatter
-    distributions, so more near-ties) q8_0 0.936 / 1.007, q4_1 0.931 / 1.006. Most of the gap is
-    llama.cpp rounding activations to 8 bits inside its quantized matmuls (an f16 embedding moves the
-    child only to 0.945), so the child's floor is set below the 0.95 the parent reaches."""
+    Measured (2-core CPU, llama.cpp f32 KV cache): parent q8_0 agreement 0.959, ppl ratio 1.004;
+    this child (ppl 40.1, parent 30.0) q8_0 0.957 / 0.999, q4_1 0.954 / 1.012.
+
+    Each kind sits where replace-1 scoring found it least harmful (SMOLLM2_PLAN). A child with the same kinds put
+    where they damage most and initialized crudely (KV 1 in layers 2 and 17, linear attention 0.1 I
+    in layer 8, FFN removed in layer 14, an identity layer 20: ppl 95) reaches only 0.931 in q8_0
+    (ratio 1.012): its flat distributions have many near-ties (median top-2 margin at the flipped
+    tokens 0.07), which q8_0's rounding of weights and activations flips. Keeping tensors at f16
+    moved that child little for their size: embedding 0.940 (+20 % file), embedding + attn_v and
+    attn_output 0.952 (+28 %), embedding + all FFN 0.958 (+70 %), everything f16 0.999 (+87 %); an
+    f16 KV cache 0.934. llama.cpp's own q8_0 keeps every matrix at q8_0 too, and so does the exporter.
+    The same kinds with BLD-trained blocks (the run's library) reach 0.957 in q8_0."""
     require_llama_cpp()
     from transformers import AutoTokenizer
 
@@ -204,7 +220,7 @@ def test_smollm2_child_gguf_matches_pytorch(smollm2_checkpoint, tmp_path):
 
     parent = load_checkpoint(smollm2_checkpoint, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint)
-    child = smollm2_heterogeneous_child(parent)
+    child = smollm2_heterogeneous_child(parent, tokenizer)
     ids = wikitext_ids(tokenizer, 2048)
     windows = [ids[i: i + 512] for i in range(0, 2048, 512)]
     with torch.no_grad():
@@ -228,7 +244,7 @@ def test_smollm2_child_gguf_matches_pytorch(smollm2_checkpoint, tmp_path):
               f"(llama.cpp / PyTorch f32) {ratio:.4f}")
         path.unlink()
     assert stats["parent", "q8_0"][0] >= 0.95 and stats["parent", "q8_0"][1] < 1.02
-    assert stats["child", "q8_0"][0] >= 0.92 and stats["child", "q8_0"][1] < 1.02
+    assert stats["child", "q8_0"][0] >= 0.95 and stats["child", "q8_0"][1] < 1.02
     assert stats["child", "q4_1"][0] >= 0.9 and stats["child", "q4_1"][1] < 1.03
 
 

@@ -30,6 +30,9 @@ written (enough to time the model in llama.cpp, not to tokenize text).
 Types: f32, f16, bf16 and the llama.cpp block quantizations q8_0, q5_1, q5_0, q4_1, q4_0 (quantized
 here with the `gguf` package's reference code). 1-D tensors stay f32; with the 4- and 5-bit types the
 embedding and output matrices are kept at q8_0, as llama.cpp's shipped SmolLM2 Q4_1 file does.
+q8_0 keeps every matrix at q8_0, as llama.cpp's own quantizer does: on a heavily damaged SmolLM2
+child, keeping the embedding, or it and attn_v/attn_output, at f16 raised top-1 agreement with
+PyTorch f32 only from 0.931 to 0.940 / 0.952 for 20 % / 28 % more file (tests/test_llamacpp.py).
 """
 
 from __future__ import annotations
