@@ -166,28 +166,26 @@ def _run_stages(args: argparse.Namespace, cfg, *stages: str) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
     from .score import format_scores
+    from .workdir import read_scores
 
     _run_stages(args, _load_cfg(args), "score")
-    print(format_scores(json.loads((Path(args.workdir) / "scores" / "replace1.json").read_text())))
+    print(format_scores(read_scores(args.workdir)))
 
 def cmd_costs(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from .pipeline import load_profile
+    from .workdir import COSTS, read_cost_profile
 
     cfg = _load_cfg(args)
     if args.device:
         _set_flag(cfg.costs, "device", args.device, f"--device {args.device}")
     _run_stages(args, cfg, "costs")
-    profile = load_profile(Path(args.workdir), _profile_name(cfg))
-    label = " (estimated)" if profile["estimated"] else " (measured)"
-    print(f"cost profile for {profile['device']}{label}: {len(profile['alternatives'])} alternatives, "
-          f"scenario {json.dumps(profile['scenario'])}, written to {Path(args.workdir) / 'costs'}")
+    profile = read_cost_profile(args.workdir, _profile_name(cfg))
+    label = " (estimated)" if profile.estimated else " (measured)"
+    print(f"cost profile for {profile.device}{label}: {len(profile.alternatives)} alternatives, "
+          f"scenario {json.dumps(profile.scenario)}, written to {Path(args.workdir) / COSTS}")
 
 
 def _profile_name(cfg) -> str:
@@ -197,10 +195,8 @@ def _profile_name(cfg) -> str:
     return profile_name(cfg, pick_device())
 
 def cmd_search(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
     from .search import format_solutions
+    from .workdir import read_solutions
 
     cfg = _load_cfg(args)
     if args.device:  # search on another stored profile (e.g. a roofline preset's): costs.device names it
@@ -213,7 +209,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.solutions is not None:
         _set_flag(cfg.search, "solutions", args.solutions, f"--solutions {args.solutions}")
     _run_stages(args, cfg, "search")
-    print(format_solutions(json.loads((Path(args.workdir) / "search" / "solutions.json").read_text())))
+    print(format_solutions(read_solutions(args.workdir)))
 
 def _set_flag(section, field: str, value, flag: str) -> None:
     """Assign a flag's value to a config field; a value the field refuses is one line naming the flag."""
