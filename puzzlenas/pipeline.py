@@ -10,7 +10,8 @@
       costs/<device>.json     measured or estimated cost profile           (costs)
       search/solutions.json   the MIP's solutions                          (search)
 
-Stages talk only through these files; `puzzlenas <stage>` runs one of them.
+Stages talk only through these files (their paths, and typed readers and writers of the artifacts
+between stages, are in workdir.py); `puzzlenas <stage>` runs one of them.
 """
 
 from __future__ import annotations
