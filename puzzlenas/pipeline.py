@@ -405,7 +405,7 @@ def _run_baselines(cfg: PuzzleConfig, workdir: Path, ctx: Context, device, progr
     from .library.space import target_alternatives
     from .realize import assemble_child, choices_from_solution
     from .utils import atomic_write_json
-    from .workdir import read_cost_profile, read_scores
+    from .workdir import baseline_dir, read_cost_profile, read_scores
 
     scores = read_scores(workdir)
     profile = read_cost_profile(workdir, _profile_name(cfg, device))
@@ -413,7 +413,7 @@ def _run_baselines(cfg: PuzzleConfig, workdir: Path, ctx: Context, device, progr
     library = open_library(workdir, ctx)
     tokens = 0
     for name, sol in baselines.run(cfg, workdir, scores, profile, alternatives).items():
-        folder = workdir / "baselines" / name
+        folder = workdir / baseline_dir(name)
         if isinstance(sol, str):  # cannot reach the target: why
             log.warning("%s", sol)
             _set_aside(folder / "child")  # a child from an earlier target must not be evaluated as this one's
@@ -434,7 +434,7 @@ def _run_eval(cfg: PuzzleConfig, workdir: Path, ctx: Context) -> dict:
     from .checkpoint.io import load_checkpoint
     from .eval import evaluate_models
     from .realize.selection import chosen_solution
-    from .workdir import BASELINES, baseline_file, read_baseline, realized_dir
+    from .workdir import BASELINES, baseline_dir, baseline_file, read_baseline, realized_dir
 
     device = next(ctx.parent.parameters()).device
     k = chosen_solution(cfg, workdir)
@@ -442,7 +442,7 @@ def _run_eval(cfg: PuzzleConfig, workdir: Path, ctx: Context) -> dict:
     candidates = {f"child (solution {k}) before GKD": workdir / realized_dir(k), "child": workdir / "child"}
     for name in BASELINES:
         if (workdir / baseline_file(name)).is_file() and not isinstance(read_baseline(workdir, name), str):
-            candidates[f"{name} baseline"] = workdir / "baselines" / name / "child"
+            candidates[f"{name} baseline"] = workdir / baseline_dir(name) / "child"
     for name, path in candidates.items():
         if not (path / "config.json").is_file():  # never evaluate without a model silently
             raise PuzzleError(f"{path} is missing, so the {name} cannot be evaluated; run without --only to rebuild it")

@@ -237,8 +237,13 @@ def cost_profile_file(name: str) -> str:
     return f"{COSTS}/{name}.json"
 
 
+def baseline_dir(name: str) -> str:
+    """A baseline's folder: solution.json, realized/, child/, gkd/."""
+    return f"baselines/{name}"
+
+
 def baseline_file(name: str) -> str:
-    return f"baselines/{name}/solution.json"
+    return f"{baseline_dir(name)}/solution.json"
 
 
 def realized_dir(rank: int | str) -> str:
@@ -276,7 +281,7 @@ def stage_outputs(workdir: Path, stage: str, solution: int | str, profile: str) 
             out.append(baseline_file(name))
             with contextlib.suppress(OSError, ValueError):
                 if "infeasible" not in json.loads((workdir / baseline_file(name)).read_text()):
-                    out.append(f"baselines/{name}/child")
+                    out.append(f"{baseline_dir(name)}/child")
         return out
     return {
         "data": [],
