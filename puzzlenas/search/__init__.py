@@ -28,8 +28,7 @@ def layer_alternatives(names: list[str]) -> dict[int, dict[str, list[Alternative
     return out
 
 
-def build_problem(scores: dict, profile: CostProfile, metric: str, alternatives: list[str],
-                  engine=None) -> tuple[Problem, dict]:
+def build_problem(scores: dict, profile: CostProfile, metric: str, alternatives: list[str], engine=None) -> tuple[Problem, dict]:
     """MIP data from replace-1-block scores and a cost profile; also the parent's resources. With an
     `engine`, (attention, FFN) pairs it cannot serve in one layer are left out."""
     by_layer = layer_alternatives(alternatives)
