@@ -14,20 +14,21 @@
   of its upstream stages' outputs; a stage whose outputs are missing or changed is redone, never
   trusted (see `stage_problem`).
 - The artifacts between stages, typed: their paths (`SCORES`, `cost_profile_file`, `SOLUTIONS`,
-  `SELECTION`, ...) and one reader and writer each, which return and take dataclasses:
+  `SELECTION`, `baseline_file`, ...) and one reader and writer each, which return and take dataclasses:
 
-      scores = read_scores(workdir)            # ScoreSet      scores/replace1.json    (score)
-      profile = read_cost_profile(workdir, n)  # CostProfile   costs/<n>.json          (costs)
-      result = read_solutions(workdir)         # SearchResult  search/solutions.json   (search)
-      selection = read_selection(workdir)      # Selection     search/selection.json   (realize)
+      scores = read_scores(workdir)             # ScoreSet       scores/replace1.json          (score)
+      profile = read_cost_profile(workdir, n)   # CostProfile    costs/<n>.json                (costs)
+      result = read_solutions(workdir)          # SearchResult   search/solutions.json         (search)
+      selection = read_selection(workdir)       # Selection      search/selection.json         (realize)
+      width = read_baseline(workdir, "width")   # SolutionRecord, or why not: baselines/width/solution.json
 
   A file that is not JSON, is cut short or is of an older shape is one PuzzleError line naming
-  it (JSON only: nothing in a work directory is ever executed or unpickled here). The types live
-  here, not in the stage packages that write them, because stages talk only through these files:
-  the report, the sweep, the baselines and the benchmarks read them without importing the stage
-  that wrote them (torch, HiGHS), and this module, which imports nothing of puzzlenas but errors,
-  stays the bottom layer with no import cycle. Unknown keys are kept (`extra`) and written back in
-  their place, so a file read and written again keeps its bytes, and its fingerprint.
+  it (JSON only: nothing in a work directory is ever executed or unpickled here). Unknown keys are
+  kept (`extra`) and written back in their place, so a file read and written again keeps its bytes,
+  and its fingerprint. The types live here, not in the stage packages that write them, because
+  stages talk only through these files: the report, the sweep, the baselines and the benchmarks
+  read them without importing the stage that wrote them (torch, HiGHS), and this module stays the
+  bottom layer (it imports only errors, and utils to write), with no import cycle.
 """
 
 from __future__ import annotations
