@@ -31,6 +31,15 @@ import time
 from pathlib import Path
 
 from puzzlenas.errors import PuzzleError
+from puzzlenas.workdir import (
+    SCORES,
+    CostProfile,
+    ScoreSet,
+    SolutionRecord,
+    read_cost_profile,
+    read_scores,
+    write_solutions,
+)
 
 log = logging.getLogger("ablations")
 
@@ -78,7 +87,8 @@ def build_init_library(cfg, root: Path, ctx, device):
     return library
 
 
-def find_solution(cfg, search_kind: str, metric: str, scores: dict, profile: dict, alternatives: list[str], out: Path) -> dict:
+def find_solution(cfg, search_kind: str, metric: str, scores: ScoreSet, profile: CostProfile, alternatives: list[str],
+                  out: Path) -> SolutionRecord:
     from puzzlenas import search
     from puzzlenas.search import heuristics
 
@@ -86,12 +96,10 @@ def find_solution(cfg, search_kind: str, metric: str, scores: dict, profile: dic
         c = cfg.model_copy(deep=True)
         c.score.metric = metric
         c.search.solutions = 1
-        return search.run(c, out, scores, profile, alternatives)["solutions"][0]
+        return search.run(c, out, scores, profile, alternatives).solutions[0]
     result = heuristics.run(cfg, scores, profile, alternatives, search_kind, metric=metric)
-    from puzzlenas.utils import atomic_write_json
-
-    atomic_write_json(out / "search" / "solutions.json", result)
-    return result["solutions"][0]
+    write_solutions(out, result)
+    return result.solutions[0]
 
 
 def mean_accuracy(tasks: dict) -> tuple[float | None, float | None]:
@@ -122,8 +130,8 @@ def evaluate_model(model, ctx, cfg, eval_data, work: Path) -> dict:
     return r
 
 
-def run_variant(cfg, name: str, spec: tuple, ctx, libraries: dict, scores: dict, profile: dict, alternatives: list[str],
-                eval_data, workdir: Path, progress: bool) -> dict:
+def run_variant(cfg, name: str, spec: tuple, ctx, libraries: dict, scores: dict[str, ScoreSet], profile: CostProfile,
+                alternatives: list[str], eval_data, workdir: Path, progress: bool) -> dict:
     from puzzlenas import gkd
     from puzzlenas.checkpoint.io import load_checkpoint, save_checkpoint
     from puzzlenas.eval import kl_and_agreement
@@ -136,7 +144,7 @@ def run_variant(cfg, name: str, spec: tuple, ctx, libraries: dict, scores: dict,
     sol = find_solution(cfg, search_kind, metric, scores[library_kind], profile, alternatives, vdir)
     c = cfg.model_copy(deep=True)
     c.gkd.kl_weight, c.gkd.cosine_weight, c.gkd.lm_weight = GKD_LOSSES[loss]
-    key = fingerprint(sol["layers"], scores[library_kind].get("fingerprint"), c.gkd.model_dump(mode="json"),
+    key = fingerprint(sol.layers_json(), scores[library_kind].fingerprint, c.gkd.model_dump(mode="json"),
                       c.eval.model_dump(mode="json", exclude={"task_data_dir"}))
     result_file = vdir / "result.json"
     if result_file.is_file() and json.loads(result_file.read_text()).get("key") == key:
@@ -149,18 +157,18 @@ def run_variant(cfg, name: str, spec: tuple, ctx, libraries: dict, scores: dict,
             # its numbers are this variant's (e.g. greedy finding the MIP's child)
             log.info("variant %s: the same child and settings as %s; its results reused", name, earlier["variant"])
             result = {**earlier, "variant": name, "search": search_kind, "library": library_kind, "metric": metric,
-                      "damage": sol["damage"], "same_as": earlier.get("same_as", earlier["variant"]),
+                      "damage": sol.damage, "same_as": earlier.get("same_as", earlier["variant"]),
                       "seconds": time.perf_counter() - t0}
             atomic_write_json(result_file, result)
             return result
-    log.info("variant %s: predicted %.2fx, damage %.4f (%s)", name, sol["predicted_speedup"], sol["damage"], metric)
+    log.info("variant %s: predicted %.2fx, damage %.4f (%s)", name, sol.predicted_speedup, sol.damage, metric)
     realized, built_from = vdir / "realized", vdir / "realized_from.json"
     child = assemble_child(ctx.parent, choices_from_solution(sol), libraries[library_kind])
     kl_before = kl_and_agreement(child, ctx.parent, ctx.data.val[: cfg.eval.kl_sequences], cfg.eval.batch_size)["kl"]
     # save again only for a new child: an unchanged source lets a killed GKD resume
-    if not (realized / "config.json").is_file() or not built_from.is_file() or json.loads(built_from.read_text()) != sol["layers"]:
+    if not (realized / "config.json").is_file() or not built_from.is_file() or json.loads(built_from.read_text()) != sol.layers_json():
         save_checkpoint(child, realized, ctx.tokenizer, overwrite=True)
-        atomic_write_json(built_from, sol["layers"])
+        atomic_write_json(built_from, sol.layers_json())
     del child
     gkd.distill(c, realized, vdir / "child", vdir / "gkd", ctx.parent, ctx.data, ctx.tokenizer, progress)
     done = json.loads((vdir / "gkd" / "done.json").read_text())
@@ -168,8 +176,8 @@ def run_variant(cfg, name: str, spec: tuple, ctx, libraries: dict, scores: dict,
     child = load_checkpoint(vdir / "child").to(device).eval()
     scores_out = evaluate_model(child, ctx, cfg, eval_data, vdir / "eval")
     result = {"variant": name, "key": key, "search": search_kind, "library": library_kind, "metric": metric,
-              "gkd_loss": loss, "gkd_tokens": done["tokens"], "predicted_speedup": sol["predicted_speedup"],
-              "damage": sol["damage"], "kl_before": kl_before, **scores_out, "seconds": time.perf_counter() - t0}
+              "gkd_loss": loss, "gkd_tokens": done["tokens"], "predicted_speedup": sol.predicted_speedup,
+              "damage": sol.damage, "kl_before": kl_before, **scores_out, "seconds": time.perf_counter() - t0}
     atomic_write_json(result_file, result)
     return result
 
@@ -192,24 +200,23 @@ def search_damage(args) -> str:
     """Predicted summed damage (KL) of MIP, greedy and random (mean of 5 seeds) at several targets."""
     from puzzlenas.config import load_config, parse_factor
     from puzzlenas.library.space import target_alternatives
-    from puzzlenas.pipeline import _profile_name, load_profile, parent_config
+    from puzzlenas.pipeline import _profile_name, parent_config
     from puzzlenas.utils import pick_device
 
     base = Path(args.workdir) / "base"
     cfg = load_config(args.config, args.set)
-    scores_file = base / "scores" / "replace1.json"
-    if not scores_file.is_file():
-        raise PuzzleError(f"{scores_file} not found; run the benchmark (or its base stages) first")
-    scores = json.loads(scores_file.read_text())
-    profile = load_profile(base, _profile_name(cfg, pick_device()))
+    if not (base / SCORES).is_file():
+        raise PuzzleError(f"{base / SCORES} not found; run the benchmark (or its base stages) first")
+    scores = read_scores(base)
+    profile = read_cost_profile(base, _profile_name(cfg, pick_device()))
     alternatives = [a.name for a in target_alternatives(cfg, parent_config(base))]
     lines = ["| target | MIP | greedy | random (mean of 5 seeds) |", "|---|---|---|---|"]
     for target in (parse_factor(t) for t in args.search_only.split(",")):
         cfg.search.throughput = target
-        mip = find_solution(cfg, "mip", "kl", scores, profile, alternatives, Path(args.workdir) / "search-only")["damage"]
-        greedy = find_solution(cfg, "greedy", "kl", scores, profile, alternatives, Path(args.workdir) / "search-only")["damage"]
+        mip = find_solution(cfg, "mip", "kl", scores, profile, alternatives, Path(args.workdir) / "search-only").damage
+        greedy = find_solution(cfg, "greedy", "kl", scores, profile, alternatives, Path(args.workdir) / "search-only").damage
         rand = [find_solution(cfg.model_copy(update={"seed": s}), "random", "kl", scores, profile, alternatives,
-                              Path(args.workdir) / "search-only")["damage"] for s in range(5)]
+                              Path(args.workdir) / "search-only").damage for s in range(5)]
         lines.append(f"| {target:g}x | {mip:.3f} | {greedy:.3f} | {sum(rand) / len(rand):.3f} |")
     print("\n".join(lines))
     return "\n".join(lines)
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> str:
     from puzzlenas.config import load_config, parse_factor
     from puzzlenas.eval.data import resolve_eval_data
     from puzzlenas.library.space import target_alternatives
-    from puzzlenas.pipeline import _profile_name, context, load_profile, open_library, run_pipeline, shared_context
+    from puzzlenas.pipeline import _profile_name, context, open_library, run_pipeline, shared_context
     from puzzlenas.score import run as score
     from puzzlenas.utils import atomic_write_json, atomic_write_text, pick_device
 
@@ -257,10 +264,10 @@ def main(argv: list[str] | None = None) -> str:
     with shared_context():
         run_pipeline(cfg, base, stages=["data", "bld", "score", "costs"], progress=progress)
         ctx = context(cfg, base)
-        profile = load_profile(base, _profile_name(cfg, device))
+        profile = read_cost_profile(base, _profile_name(cfg, device))
         alternatives = [a.name for a in target_alternatives(cfg, ctx.parent.config)]
         libraries = {"bld": open_library(base, ctx)}
-        scores = {"bld": json.loads((base / "scores" / "replace1.json").read_text())}
+        scores = {"bld": read_scores(base)}
         if any(spec[1] == "init" for spec in chosen.values()):
             libraries["init"] = build_init_library(cfg, workdir / "init-only", ctx, device)
             scores["init"] = score(cfg, workdir / "init-only", ctx.parent, ctx.data, libraries["init"], progress)
@@ -273,7 +280,7 @@ def main(argv: list[str] | None = None) -> str:
             atomic_write_json(parent_file, parent)
         rows = [run_variant(cfg, name, spec, ctx, libraries, scores, profile, alternatives, eval_data, workdir, progress)
                 for name, spec in chosen.items()]
-    budgets = (f"target {target:g}x ({profile['device']}{', estimated' if profile.get('estimated') else ''}), "
+    budgets = (f"target {target:g}x ({profile.device}{', estimated' if profile.estimated else ''}), "
                f"BLD {cfg.bld.tokens:,} tokens/block, scoring {cfg.score.sequences} x {cfg.data.seq_len} tokens, "
                f"GKD {cfg.gkd.tokens:,} tokens, eval: KL on {cfg.eval.kl_sequences} held-out sequences, WikiText-2 "
                f"{cfg.eval.ppl_max_tokens or 'all'} tokens, {cfg.eval.limit or 'all'} items x "

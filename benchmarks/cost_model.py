@@ -35,14 +35,14 @@ from puzzlenas.search import build_problem
 from puzzlenas.search.mip import Infeasible, solve
 
 
-def proxy_scores(profile: dict, alternatives: list[str]) -> dict:
+def proxy_scores(profile, alternatives: list[str]) -> dict:
     """Fewer parameters hurt more, with per-layer noise; no-ops a little extra."""
     rng = np.random.default_rng(0)
     scores = {}
     parsed = {n: Alternative.from_name(n) for n in alternatives}
     for name, a in parsed.items():
-        full = profile["alternatives"][name]["params"] or 0
-        ref = max(profile["alternatives"][n]["params"] for n, b in parsed.items() if (b.layer, b.sub) == (a.layer, a.sub))
+        full = profile.alternatives[name].params or 0
+        ref = max(profile.alternatives[n].params for n, b in parsed.items() if (b.layer, b.sub) == (a.layer, a.sub))
         scores[name] = {"kl": float((1 - full / ref) * rng.uniform(0.2, 1.8)) if ref else 0.0}
         if a.kind == "no_op":
             scores[name]["kl"] += float(rng.uniform(0, 0.3))
@@ -98,8 +98,8 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     parent_s = timings["parent"].summary()["total_s"]
-    print(f"\nengine {engine.name}; cost profile {profile['device']} ({profile.get('method', 'estimated')}), "
-          f"{profile['dtype']}, batch {args.batch}, prompt {args.prompt}, generate {args.generate}; parent measured "
+    print(f"\nengine {engine.name}; cost profile {profile.device} ({profile.extra.get('method', 'estimated')}), "
+          f"{profile.dtype}, batch {args.batch}, prompt {args.prompt}, generate {args.generate}; parent measured "
           f"{parent_s:.3f} s per scenario run (median of {args.repeats} rounds), {torch.get_num_threads()} threads\n")
     print(f"| {'target':>6} | {'predicted':>9} | {'measured (min-max)':>20} | {'error':>7} | gqa/mlp/linear/no_op |")
     print(f"|{'-' * 8}|{'-' * 11}|{'-' * 22}|{'-' * 9}|{'-' * 22}|")
@@ -118,7 +118,7 @@ def main() -> None:
         print(f"| {target:>5.1f}x | {predicted:>8.2f}x | {spread:>20} | {err:>+6.1%} | {mix:<20} |")
     if errors:
         print(f"\nworst error {max(errors):.1%} over {len(errors)} solutions (goal: within 10 %)")
-    for warning in profile.get("warnings", []):
+    for warning in profile.warnings:
         print(f"warning: {warning}")
 
 

@@ -173,17 +173,17 @@ def _run_stages(args: argparse.Namespace, cfg, *stages: str) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    import json
     import os
     import time
     from pathlib import Path
 
     from .score import format_scores
+    from .workdir import read_scores
 
     cfg = _load_cfg(args)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         _run_stages(args, cfg, "score")
-        print(format_scores(json.loads((Path(args.workdir) / "scores" / "replace1.json").read_text())))
+        print(format_scores(read_scores(args.workdir)))
         return
     # torchrun: score.parallel deals the alternatives, or splits the parent's layers, over the ranks;
     # score.run moves the parent to the device (with score.parallel=layers, only this rank's layers)
@@ -199,24 +199,25 @@ def cmd_score(args: argparse.Namespace) -> None:
     library = open_library(workdir, Context(parent, tokenizer, fp, data))
     result = score.run(cfg, workdir, parent, data, library, progress=not args.quiet)
     if rank == 0:  # the stage marker `puzzlenas run` leaves, so later commands build on it
-        record_stage(cfg, workdir, "score", {"tokens": result["tokens"]}, time.perf_counter() - t0)
+        record_stage(cfg, workdir, "score", {"tokens": result.tokens}, time.perf_counter() - t0)
         print(format_scores(result))
     teardown()
+
 
 def cmd_costs(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from .pipeline import load_profile
+    from .workdir import COSTS, read_cost_profile
 
     cfg = _load_cfg(args)
     if args.device:
         _set_flag(cfg.costs, "device", args.device, f"--device {args.device}")
     _run_stages(args, cfg, "costs")
-    profile = load_profile(Path(args.workdir), _profile_name(cfg))
-    label = " (estimated)" if profile["estimated"] else " (measured)"
-    print(f"cost profile for {profile['device']}{label}: {len(profile['alternatives'])} alternatives, "
-          f"scenario {json.dumps(profile['scenario'])}, written to {Path(args.workdir) / 'costs'}")
+    profile = read_cost_profile(args.workdir, _profile_name(cfg))
+    label = " (estimated)" if profile.estimated else " (measured)"
+    print(f"cost profile for {profile.device}{label}: {len(profile.alternatives)} alternatives, "
+          f"scenario {json.dumps(profile.scenario)}, written to {Path(args.workdir) / COSTS}")
 
 
 def _profile_name(cfg) -> str:
@@ -226,10 +227,8 @@ def _profile_name(cfg) -> str:
     return profile_name(cfg, pick_device())
 
 def cmd_search(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
     from .search import format_solutions
+    from .workdir import read_solutions
 
     cfg = _load_cfg(args)
     if args.device:  # search on another stored profile (e.g. a roofline preset's): costs.device names it
@@ -242,7 +241,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.solutions is not None:
         _set_flag(cfg.search, "solutions", args.solutions, f"--solutions {args.solutions}")
     _run_stages(args, cfg, "search")
-    print(format_solutions(json.loads((Path(args.workdir) / "search" / "solutions.json").read_text())))
+    print(format_solutions(read_solutions(args.workdir)))
 
 def _set_flag(section, field: str, value, flag: str) -> None:
     """Assign a flag's value to a config field; a value the field refuses is one line naming the flag."""

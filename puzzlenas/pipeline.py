@@ -10,7 +10,8 @@
       costs/<device>.json     measured or estimated cost profile           (costs)
       search/solutions.json   the MIP's solutions                          (search)
 
-Stages talk only through these files; `puzzlenas <stage>` runs one of them.
+Stages talk only through these files (their paths, and typed readers and writers of the artifacts
+between stages, are in workdir.py); `puzzlenas <stage>` runs one of them.
 """
 
 from __future__ import annotations
@@ -68,29 +69,15 @@ def parent_config(workdir: Path):
     return load_config(workdir / "parent")
 
 
-def load_profile(workdir: Path, device: str | None = None) -> dict:
-    folder = workdir / "costs"
-    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    if device:
-        files = [f for f in files if f.stem == device]
-    if not files:
-        raise PuzzleError(f"{folder}: no cost profile{' for ' + device if device else ''}; run `puzzlenas costs` first")
-    if len(files) > 1:
-        raise PuzzleError(f"{folder} holds several profiles ({', '.join(f.stem for f in files)}); choose one with --device")
-    return json.loads(files[0].read_text())
-
-
-def stage_search(cfg: PuzzleConfig, workdir: Path, device: str | None = None) -> dict:
+def stage_search(cfg: PuzzleConfig, workdir: Path, device: str | None = None):
     from . import search
     from .library.space import target_alternatives
+    from .workdir import read_cost_profile, read_scores
 
-    scores_file = workdir / "scores" / "replace1.json"
-    if not scores_file.is_file():
-        raise PuzzleError(f"{scores_file} not found; run `puzzlenas score` first")
-    scores = json.loads(scores_file.read_text())
-    profile = load_profile(workdir, device)
+    scores = read_scores(workdir)
+    profile = read_cost_profile(workdir, device)
     alternatives = [a.name for a in target_alternatives(cfg, parent_config(workdir))]
-    missing = [a for a in alternatives if a not in scores["scores"] or a not in profile["alternatives"]]
+    missing = [a for a in alternatives if a not in scores.scores or a not in profile.alternatives]
     if missing:
         raise PuzzleError(f"scores or costs lack {len(missing)} alternatives (first: {missing[0]}); rerun score and costs")
     return search.run(cfg, workdir, scores, profile, alternatives)
@@ -105,11 +92,9 @@ def measure_solutions(cfg: PuzzleConfig, workdir: Path, repeats: int = 3) -> lis
     from .checkpoint.parent import prepare_parent
     from .engines import Scenario, get_engine, speedup_stats
     from .realize import assemble_child, choices_from_solution
+    from .workdir import read_solutions
 
-    solutions_file = workdir / "search" / "solutions.json"
-    if not solutions_file.is_file():
-        raise PuzzleError(f"{solutions_file} not found; run `puzzlenas search` first")
-    result = json.loads(solutions_file.read_text())
+    result = read_solutions(workdir)
     engine = get_engine(cfg.target.engine)
     engine.check_available()
     parent, _, _ = prepare_parent(cfg.parent, workdir)
@@ -119,24 +104,24 @@ def measure_solutions(cfg: PuzzleConfig, workdir: Path, repeats: int = 3) -> lis
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         models: dict = {"parent": workdir / "parent" if engine.name != "torch" else parent}
-        for s in result["solutions"]:
+        for s in result.solutions:
             child = assemble_child(parent, choices_from_solution(s), random_weights=True)
             if engine.name == "torch":
-                models[f"solution{s['rank']}"] = child
+                models[f"solution{s.rank}"] = child
             else:
-                models[f"solution{s['rank']}"] = save_checkpoint(child, scratch / f"solution{s['rank']}")
+                models[f"solution{s.rank}"] = save_checkpoint(child, scratch / f"solution{s.rank}")
                 del child
         timings = engine.time_models(models, scenario, repeats=repeats, warmup=1,
                                      dtype=engine.serving_dtype(cfg.costs.dtype))[0]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     rows = []
-    for s in result["solutions"]:
-        t = timings[f"solution{s['rank']}"]
+    for s in result.solutions:
+        t = timings[f"solution{s.rank}"]
         ratio = speedup_stats(timings["parent"], t)["total"]
-        rows.append({"rank": s["rank"], "predicted_speedup": s["predicted_speedup"], "measured_speedup": ratio["median"],
+        rows.append({"rank": s.rank, "predicted_speedup": s.predicted_speedup, "measured_speedup": ratio["median"],
                      "measured_min": ratio["min"], "measured_max": ratio["max"],
-                     "error": s["predicted_speedup"] / ratio["median"] - 1, "engine": engine.name,
+                     "error": s.predicted_speedup / ratio["median"] - 1, "engine": engine.name,
                      "parent_s": timings["parent"].summary()["total_s"], "child_s": t.summary()["total_s"]})
     return rows
 
@@ -215,7 +200,7 @@ def run_score(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
 
     c = context(cfg, workdir)
     result = score.run(cfg, workdir, c.parent, c.data, open_library(workdir, c), progress)
-    return {"tokens": result["tokens"]}
+    return {"tokens": result.tokens}
 
 
 def run_costs(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
@@ -228,14 +213,14 @@ def run_costs(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
     else:  # alone, costs needs only the parent, not the distillation data
         parent = prepare_parent(cfg.parent, workdir)[0].to(pick_device())
     profile = costs.run(cfg, workdir, parent, progress)
-    return {"device": profile["device"]}
+    return {"device": profile.device}
 
 
 def run_search(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
     from .utils import pick_device
 
     result = stage_search(cfg, workdir, _profile_name(cfg, pick_device()))
-    return {"solutions": len(result["solutions"])}
+    return {"solutions": len(result.solutions)}
 
 
 def run_realize(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
@@ -421,25 +406,26 @@ def _run_baselines(cfg: PuzzleConfig, workdir: Path, ctx: Context, device, progr
     from .library.space import target_alternatives
     from .realize import assemble_child, choices_from_solution
     from .utils import atomic_write_json
+    from .workdir import baseline_dir, read_cost_profile, read_scores
 
-    scores = json.loads((workdir / "scores" / "replace1.json").read_text())
-    profile = load_profile(workdir, _profile_name(cfg, device))
+    scores = read_scores(workdir)
+    profile = read_cost_profile(workdir, _profile_name(cfg, device))
     alternatives = [a.name for a in target_alternatives(cfg, ctx.parent.config)]
     library = open_library(workdir, ctx)
     tokens = 0
     for name, sol in baselines.run(cfg, workdir, scores, profile, alternatives).items():
-        folder = workdir / "baselines" / name
-        if "infeasible" in sol:
-            log.warning("%s", sol["infeasible"])
+        folder = workdir / baseline_dir(name)
+        if isinstance(sol, str):  # cannot reach the target: why
+            log.warning("%s", sol)
             _set_aside(folder / "child")  # a child from an earlier target must not be evaluated as this one's
             continue
         realized = folder / "realized"
         built_from = folder / "realized_from.json"
         # re-realize only for a new solution: a resumed run must find the same source to resume GKD
-        if not (realized / "config.json").is_file() or not built_from.is_file() or json.loads(built_from.read_text()) != sol["layers"]:
+        if not (realized / "config.json").is_file() or not built_from.is_file() or json.loads(built_from.read_text()) != sol.layers_json():
             save_checkpoint(assemble_child(ctx.parent, choices_from_solution(sol), library), realized, ctx.tokenizer,
                             overwrite=True)
-            atomic_write_json(built_from, sol["layers"])
+            atomic_write_json(built_from, sol.layers_json())
         gkd.distill(cfg, realized, folder / "child", folder / "gkd", ctx.parent, ctx.data, ctx.tokenizer, progress)
         tokens += json.loads((folder / "gkd" / "done.json").read_text())["tokens"]
     return tokens
@@ -449,15 +435,15 @@ def _run_eval(cfg: PuzzleConfig, workdir: Path, ctx: Context) -> dict:
     from .checkpoint.io import load_checkpoint
     from .eval import evaluate_models
     from .realize.selection import chosen_solution
+    from .workdir import BASELINES, baseline_dir, baseline_file, read_baseline, realized_dir
 
     device = next(ctx.parent.parameters()).device
     k = chosen_solution(cfg, workdir)
     models = {"parent": ctx.parent}
-    candidates = {f"child (solution {k}) before GKD": workdir / "realized" / f"solution{k}", "child": workdir / "child"}
-    for name in ("width", "depth"):
-        solution = workdir / "baselines" / name / "solution.json"
-        if solution.is_file() and "infeasible" not in json.loads(solution.read_text()):
-            candidates[f"{name} baseline"] = workdir / "baselines" / name / "child"
+    candidates = {f"child (solution {k}) before GKD": workdir / realized_dir(k), "child": workdir / "child"}
+    for name in BASELINES:
+        if (workdir / baseline_file(name)).is_file() and not isinstance(read_baseline(workdir, name), str):
+            candidates[f"{name} baseline"] = workdir / baseline_dir(name) / "child"
     for name, path in candidates.items():
         if not (path / "config.json").is_file():  # never evaluate without a model silently
             raise PuzzleError(f"{path} is missing, so the {name} cannot be evaluated; run without --only to rebuild it")

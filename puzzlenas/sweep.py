@@ -24,6 +24,7 @@ from pathlib import Path
 from .config import PuzzleConfig
 from .errors import PuzzleError
 from .utils import atomic_write_json, atomic_write_text
+from .workdir import SELECTION, baseline_file, read_baseline, read_selection, read_solutions
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +99,14 @@ def run_sweep(cfg: PuzzleConfig, workdir: str | Path, targets: list[float], prog
 def target_rows(sub: Path) -> dict:
     """Per model of one target: KL, WikiText-2 perplexity, mean accuracy and measured speed-up."""
     results = json.loads((sub / "eval" / "results.json").read_text())
-    solutions = json.loads((sub / "search" / "solutions.json").read_text())
-    selection_file = sub / "search" / "selection.json"
-    chosen = json.loads(selection_file.read_text())["chosen"] if selection_file.is_file() else None
+    solutions = read_solutions(sub)
+    chosen = read_selection(sub).chosen if (sub / SELECTION).is_file() else None
     rows = {}
     for row, name in MODELS.items():
         r = results["models"].get(name)
         if r is None:  # a baseline that cannot reach the target
-            solution_file = sub / "baselines" / row / "solution.json"
-            why = json.loads(solution_file.read_text()).get("infeasible") if solution_file.is_file() else None
+            baseline = read_baseline(sub, row) if (sub / baseline_file(row)).is_file() else None
+            why = baseline if isinstance(baseline, str) else None
             rows[row] = {"missing": why or "not evaluated"}
             continue
         accs = [s[m] for s in r.get("tasks", {}).values() for m in [_primary(s)] if m is not None]
@@ -116,7 +116,7 @@ def target_rows(sub: Path) -> dict:
                      "speedup": r["speed"]["total_speedup"], "speedup_min": spread.get("min"),
                      "speedup_max": spread.get("max")}
     rows["child"]["solution"] = chosen
-    rows["child"]["predicted_speedup"] = solutions["solutions"][chosen or 0]["predicted_speedup"] if "kl" in rows[
+    rows["child"]["predicted_speedup"] = solutions.solutions[chosen or 0].predicted_speedup if "kl" in rows[
         "child"] else None
     return rows
 

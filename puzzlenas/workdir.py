@@ -13,6 +13,22 @@
 - Stage outputs: `stages/<stage>.json` records the fingerprint of the files each stage wrote and
   of its upstream stages' outputs; a stage whose outputs are missing or changed is redone, never
   trusted (see `stage_problem`).
+- The artifacts between stages, typed: their paths (`SCORES`, `cost_profile_file`, `SOLUTIONS`,
+  `SELECTION`, `baseline_file`, ...) and one reader and writer each, which return and take dataclasses:
+
+      scores = read_scores(workdir)             # ScoreSet       scores/replace1.json          (score)
+      profile = read_cost_profile(workdir, n)   # CostProfile    costs/<n>.json                (costs)
+      result = read_solutions(workdir)          # SearchResult   search/solutions.json         (search)
+      selection = read_selection(workdir)       # Selection      search/selection.json         (realize)
+      width = read_baseline(workdir, "width")   # SolutionRecord, or why not: baselines/width/solution.json
+
+  A file that is not JSON, is cut short or is of an older shape is one PuzzleError line naming
+  it (JSON only: nothing in a work directory is ever executed or unpickled here). Unknown keys are
+  kept (`extra`) and written back in their place, so a file read and written again keeps its bytes,
+  and its fingerprint. The types live here, not in the stage packages that write them, because
+  stages talk only through these files: the report, the sweep, the baselines and the benchmarks
+  read them without importing the stage that wrote them (torch, HiGHS), and this module stays the
+  bottom layer (it imports only errors, and utils to write), with no import cycle.
 """
 
 from __future__ import annotations
@@ -26,6 +42,7 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import PuzzleError
@@ -207,6 +224,33 @@ def recover(workdir: str | Path) -> None:
         log.warning("removed %d leftover(s) of interrupted writes in %s (%.1f MB)", removed, workdir, freed / 1e6)
 
 
+# --- the layout: where each artifact between stages lives, relative to the work directory ------
+
+SCORES = "scores/replace1.json"  # score: ScoreSet
+COSTS = "costs"  # costs: one CostProfile per device, cost_profile_file(name)
+SOLUTIONS = "search/solutions.json"  # search: SearchResult
+SELECTION = "search/selection.json"  # realize (gkd.solution: auto): Selection
+SELECTION_PARTIAL = "search/selection.partial.json"  # realize: the candidates measured so far
+BASELINES = ("width", "depth")  # baselines: a SolutionRecord (or why not) each, baseline_file(name)
+
+
+def cost_profile_file(name: str) -> str:
+    return f"{COSTS}/{name}.json"
+
+
+def baseline_dir(name: str) -> str:
+    """A baseline's folder: solution.json, realized/, child/, gkd/."""
+    return f"baselines/{name}"
+
+
+def baseline_file(name: str) -> str:
+    return f"{baseline_dir(name)}/solution.json"
+
+
+def realized_dir(rank: int | str) -> str:
+    return f"realized/solution{rank}"
+
+
 # --- stage outputs ---------------------------------------------------------------------------
 
 # each stage's upstream stages: a stage is redone when an upstream stage's outputs changed since it ran
@@ -222,9 +266,9 @@ def stage_outputs(workdir: Path, stage: str, solution: int | str, profile: str) 
     everything downstream is keyed to the data's content. `solution` "auto": the realized child is
     the one search/selection.json chose, and the selection is an output of realize too."""
     if stage == "realize" and solution == "auto":
-        out = ["search/selection.json"]
+        out = [SELECTION]
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            out.append(f"realized/solution{int(json.loads((workdir / out[0]).read_text())['chosen'])}")
+            out.append(realized_dir(int(json.loads((workdir / SELECTION).read_text())["chosen"])))
         return out
     if stage == "bld":
         out = ["library/index.json"]
@@ -234,18 +278,18 @@ def stage_outputs(workdir: Path, stage: str, solution: int | str, profile: str) 
         return out
     if stage == "baselines":
         out = []
-        for name in ("width", "depth"):
-            out.append(f"baselines/{name}/solution.json")
+        for name in BASELINES:
+            out.append(baseline_file(name))
             with contextlib.suppress(OSError, ValueError):
-                if "infeasible" not in json.loads((workdir / "baselines" / name / "solution.json").read_text()):
-                    out.append(f"baselines/{name}/child")
+                if "infeasible" not in json.loads((workdir / baseline_file(name)).read_text()):
+                    out.append(f"{baseline_dir(name)}/child")
         return out
     return {
         "data": [],
-        "score": ["scores/replace1.json"],
-        "costs": [f"costs/{profile}.json"],
-        "search": ["search/solutions.json"],
-        "realize": [f"realized/solution{solution}"],
+        "score": [SCORES],
+        "costs": [cost_profile_file(profile)],
+        "search": [SOLUTIONS],
+        "realize": [realized_dir(solution)],
         "gkd": ["child", "gkd/done.json"],
         "eval": ["eval/results.json"],
         "report": ["report/report.md"],
@@ -353,3 +397,375 @@ def stage_problem(workdir: Path, stage: str, fingerprint: str | None, solution: 
     if problems:
         return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
     return None
+
+
+# --- the artifacts between stages, typed ----------------------------------------------------
+
+
+class ArtifactError(PuzzleError, ValueError):
+    """What is wrong with an artifact's JSON; `load_artifact` adds the file's name."""
+
+
+def _field(d, key: str, kind, where: str, optional: bool = False):
+    """`d[key]`, checked to be of `kind` (float: any JSON number; int: a JSON integer)."""
+    if not isinstance(d, dict):
+        raise ArtifactError(f"{where} is a {type(d).__name__}, not an object")
+    if key not in d:
+        if optional:
+            return None
+        raise ArtifactError(f"{where} has no {key!r}")
+    v = d[key]
+    if v is None and optional:
+        return None
+    if kind is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    elif kind is int:
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    else:
+        ok = isinstance(v, kind)
+    if not ok:
+        name = "number" if kind is float else kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ArtifactError(f"{where}[{key!r}] is {json.dumps(v)[:40]}, not a {name}")
+    return v
+
+
+def _numbers(d, where: str, required: tuple[str, ...] = ()) -> dict[str, float]:
+    """An object of numbers (e.g. metric name -> value), with `required` among its keys."""
+    if not isinstance(d, dict):
+        raise ArtifactError(f"{where} is a {type(d).__name__}, not an object")
+    for key in required:
+        _field(d, key, float, where)
+    for key, v in d.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise ArtifactError(f"{where}[{key!r}] is {json.dumps(v)[:40]}, not a number")
+    return dict(d)
+
+
+def _ordered(d: dict, order: tuple[str, ...]) -> dict:
+    """`d` with the keys of `order` first, in that order (a file read keeps its key order when written)."""
+    return {**{k: d[k] for k in order if k in d}, **{k: v for k, v in d.items() if k not in order}}
+
+
+def load_artifact(path: str | Path, cls, stage: str):
+    """`cls.from_json` of the file at `path`; a missing, malformed or older-format file is one
+    PuzzleError line naming it and the command that writes it again."""
+    path = Path(path)
+    if not path.is_file():
+        raise PuzzleError(f"{path} not found; run `puzzlenas {stage}` first")
+    try:
+        return cls.from_json(json.loads(path.read_text()))
+    except ValueError as exc:  # not JSON (a cut-short write, another file), or another shape (ArtifactError)
+        what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PuzzleError(f"{path} is not a {cls.__name__} file puzzlenas can read ({what}); "
+                          f"rerun `puzzlenas {stage}` to write it again") from None
+
+
+def save_artifact(path: str | Path, artifact) -> None:
+    from .utils import atomic_write_json  # utils imports torch; this module does not need it otherwise
+
+    atomic_write_json(path, artifact.to_json())
+
+
+@dataclass(frozen=True)
+class ScoreSet:
+    """scores/replace1.json (score stage): every alternative's replace-1-block metrics.
+
+    `scores`: alternative (or coupled pair) name -> {"kl", "lm_loss", "lm_loss_delta",
+    "agreement"}, one number per metric: the search picks the metric by name (score.damage).
+    `fingerprint`: the library, data and settings the scores were measured with (score's cache key)."""
+
+    fingerprint: str
+    parent_fingerprint: str
+    tokens: int
+    scores: dict[str, dict[str, float]]
+    extra: dict = field(default_factory=dict)
+
+    METRICS = ("kl", "lm_loss_delta", "agreement")  # every entry has these (damage reads them)
+
+    @classmethod
+    def from_json(cls, d) -> ScoreSet:
+        scores = _field(d, "scores", dict, "the file")
+        known = ("fingerprint", "parent_fingerprint", "tokens", "scores")
+        return cls(_field(d, "fingerprint", str, "the file"), _field(d, "parent_fingerprint", str, "the file"),
+                   _field(d, "tokens", int, "the file"),
+                   {name: _numbers(m, f"scores[{name!r}]", cls.METRICS) for name, m in scores.items()},
+                   {k: v for k, v in d.items() if k not in known})
+
+    def to_json(self) -> dict:
+        return {"fingerprint": self.fingerprint, "parent_fingerprint": self.parent_fingerprint, "tokens": self.tokens,
+                "scores": {name: dict(m) for name, m in self.scores.items()}, **self.extra}
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """One alternative's entry of a cost profile, or the shared part's (embedding, final norm, head):
+    seconds of the scenario's prefill and of one decode step, parameters, weight and KV-cache bytes.
+    `kv_bytes` is None for the shared part; `extra` holds what a method adds (e.g. `copies` timed)."""
+
+    prefill_s: float
+    decode_s: float
+    params: int
+    weight_bytes: int
+    kv_bytes: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d, where: str) -> BlockCost:
+        known = ("prefill_s", "decode_s", "params", "weight_bytes", "kv_bytes")
+        return cls(_field(d, "prefill_s", float, where), _field(d, "decode_s", float, where),
+                   _field(d, "params", float, where), _field(d, "weight_bytes", float, where),
+                   _field(d, "kv_bytes", float, where, optional=True), {k: v for k, v in d.items() if k not in known})
+
+    def to_json(self) -> dict:  # times, what the method adds, then memory: the order costs/ writes
+        out = {"prefill_s": self.prefill_s, "decode_s": self.decode_s, **self.extra, "params": self.params,
+               "weight_bytes": self.weight_bytes}
+        return out if self.kv_bytes is None else {**out, "kv_bytes": self.kv_bytes}
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    """costs/<name>.json (costs stage): the hardware cost of every alternative in one scenario.
+
+    `scenario`: {"batch_size", "prompt_len", "generate_len"}; `decode_steps`: decode forwards per
+    scenario run when an engine measured it (None: generate_len, the harness's count; see
+    costs.profile.decode_steps); `estimated`: times from a roofline, not measured. `extra` keeps
+    what the producing method records besides (fingerprint, engine, method, warnings, preset...)."""
+
+    device: str
+    estimated: bool
+    dtype: str
+    scenario: dict[str, int]
+    shared: BlockCost
+    alternatives: dict[str, BlockCost]
+    decode_steps: int | None = None
+    extra: dict = field(default_factory=dict)
+    order: tuple[str, ...] = field(default=(), compare=False, repr=False)  # the file's key order
+
+    SCENARIO = ("batch_size", "prompt_len", "generate_len")
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.extra.get("warnings", []))
+
+    @classmethod
+    def from_json(cls, d) -> CostProfile:
+        alternatives = _field(d, "alternatives", dict, "the file")
+        scenario = _field(d, "scenario", dict, "the file")
+        for key in cls.SCENARIO:
+            _field(scenario, key, int, "scenario")
+        known = ("device", "estimated", "dtype", "scenario", "shared", "alternatives", "decode_steps")
+        return cls(_field(d, "device", str, "the file"), _field(d, "estimated", bool, "the file"),
+                   _field(d, "dtype", str, "the file"), dict(scenario),
+                   BlockCost.from_json(_field(d, "shared", dict, "the file"), "shared"),
+                   {n: BlockCost.from_json(a, f"alternatives[{n!r}]") for n, a in alternatives.items()},
+                   _field(d, "decode_steps", int, "the file", optional=True),
+                   {k: v for k, v in d.items() if k not in known}, tuple(d))
+
+    def to_json(self) -> dict:
+        out = {"device": self.device, "estimated": self.estimated, "dtype": self.dtype, "scenario": dict(self.scenario),
+               **({} if self.decode_steps is None else {"decode_steps": self.decode_steps}), **self.extra,
+               "shared": self.shared.to_json(),
+               "alternatives": {n: a.to_json() for n, a in self.alternatives.items()}}
+        return _ordered(out, self.order)
+
+
+@dataclass(frozen=True)
+class SolutionRecord:
+    """One child architecture: an (attention, FFN) alternative name pair per layer, with what the
+    search predicted for it. `rank`: its place among the search's solutions, or a baseline's name;
+    `status` and `solve_seconds`: from a solver (absent for a baseline); `description`: a baseline's."""
+
+    rank: int | str
+    damage: float
+    predicted_speedup: float
+    predicted: dict[str, float]  # prefill_s, decode_step_s, total_s of one scenario run
+    memory_bytes: float
+    params: float
+    layers: tuple[tuple[str, str], ...]  # (attention name, FFN name) per layer
+    status: str | None = None
+    solve_seconds: float | None = None
+    description: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d, where: str) -> SolutionRecord:
+        rank = _field(d, "rank", (int, str), where)
+        layers = _field(d, "layers", list, where)
+        pairs = tuple((_field(x, "attention", str, f"{where} layer {i}"), _field(x, "ffn", str, f"{where} layer {i}"))
+                      for i, x in enumerate(layers))
+        known = ("rank", "status", "damage", "predicted_speedup", "predicted", "memory_bytes", "params", "solve_seconds",
+                 "layers", "description")
+        return cls(rank, _field(d, "damage", float, where), _field(d, "predicted_speedup", float, where),
+                   _numbers(_field(d, "predicted", dict, where), f"{where} predicted"),
+                   _field(d, "memory_bytes", float, where), _field(d, "params", float, where), pairs,
+                   _field(d, "status", str, where, optional=True), _field(d, "solve_seconds", float, where, optional=True),
+                   _field(d, "description", str, where, optional=True), {k: v for k, v in d.items() if k not in known})
+
+    def layers_json(self) -> list[dict[str, str]]:
+        return [{"attention": a, "ffn": f} for a, f in self.layers]
+
+    def to_json(self) -> dict:
+        out = {"rank": self.rank, "status": self.status, "damage": self.damage,
+               "predicted_speedup": self.predicted_speedup, "predicted": dict(self.predicted),
+               "memory_bytes": self.memory_bytes, "params": self.params, "solve_seconds": self.solve_seconds,
+               "layers": self.layers_json(), "description": self.description, **self.extra}
+        return {k: v for k, v in out.items() if v is not None or k in self.extra}
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """search/solutions.json (search stage): the solutions, best first, and what they were solved
+    for: the cost profile's device, the scoring metric, the budgets and the parent's resources
+    (time, memory, latency, params). `method`: a heuristic's name (benchmarks), None for the MIP."""
+
+    device: str
+    estimated: bool
+    metric: str
+    budgets: dict[str, float]
+    parent: dict[str, float]
+    solutions: tuple[SolutionRecord, ...]
+    method: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d) -> SearchResult:
+        solutions = _field(d, "solutions", list, "the file")
+        known = ("device", "estimated", "metric", "method", "budgets", "parent", "solutions")
+        return cls(_field(d, "device", str, "the file"), _field(d, "estimated", bool, "the file"),
+                   _field(d, "metric", str, "the file"), _numbers(_field(d, "budgets", dict, "the file"), "budgets"),
+                   _numbers(_field(d, "parent", dict, "the file"), "parent"),
+                   tuple(SolutionRecord.from_json(s, f"solution {i}") for i, s in enumerate(solutions)),
+                   _field(d, "method", str, "the file", optional=True), {k: v for k, v in d.items() if k not in known})
+
+    def to_json(self) -> dict:
+        return {"device": self.device, "estimated": self.estimated, "metric": self.metric,
+                **({} if self.method is None else {"method": self.method}), "budgets": dict(self.budgets),
+                "parent": dict(self.parent), "solutions": [s.to_json() for s in self.solutions], **self.extra}
+
+    def layers_json(self) -> list[list[dict[str, str]]]:
+        """Every solution's layers as the file holds them (what a selection's fingerprint is of)."""
+        return [s.layers_json() for s in self.solutions]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One search solution as the realize stage measured it before GKD: KL(parent || child) and
+    top-1 agreement per text source (domain, wikitext2) and their mean ("mixed")."""
+
+    rank: int
+    predicted_speedup: float
+    damage: float
+    kl: dict[str, float]
+    agreement: dict[str, float]
+
+    @classmethod
+    def from_json(cls, d, where: str) -> Candidate:
+        return cls(_field(d, "rank", int, where), _field(d, "predicted_speedup", float, where),
+                   _field(d, "damage", float, where), _numbers(_field(d, "kl", dict, where), f"{where} kl", ("mixed",)),
+                   _numbers(_field(d, "agreement", dict, where), f"{where} agreement", ("mixed",)))
+
+    def to_json(self) -> dict:
+        return {"rank": self.rank, "predicted_speedup": self.predicted_speedup, "damage": self.damage,
+                "kl": dict(self.kl), "agreement": dict(self.agreement)}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """search/selection.json (realize, gkd.solution: auto): which search solution GKD and eval use,
+    and why. `solutions_fingerprint`: of the search result it was chosen from (a selection from an
+    earlier search is not used); `sources`: each text source's description, or why it was unavailable."""
+
+    chosen: int
+    reason: str
+    predicted_best: int
+    domain_only: bool
+    sources: dict[str, dict]
+    mixed: str
+    solutions_fingerprint: str
+    candidates: tuple[Candidate, ...]
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d) -> Selection:
+        candidates = _field(d, "candidates", list, "the file")
+        known = ("chosen", "reason", "predicted_best", "domain_only", "sources", "mixed", "solutions_fingerprint",
+                 "candidates")
+        return cls(_field(d, "chosen", int, "the file"), _field(d, "reason", str, "the file"),
+                   _field(d, "predicted_best", int, "the file"), _field(d, "domain_only", bool, "the file"),
+                   _field(d, "sources", dict, "the file"), _field(d, "mixed", str, "the file"),
+                   _field(d, "solutions_fingerprint", str, "the file"),
+                   tuple(Candidate.from_json(c, f"candidate {i}") for i, c in enumerate(candidates)),
+                   {k: v for k, v in d.items() if k not in known})
+
+    def to_json(self) -> dict:
+        return {"chosen": self.chosen, "reason": self.reason, "predicted_best": self.predicted_best,
+                "domain_only": self.domain_only, "sources": self.sources, "mixed": self.mixed,
+                "solutions_fingerprint": self.solutions_fingerprint,
+                "candidates": [c.to_json() for c in self.candidates], **self.extra}
+
+
+def read_scores(workdir: str | Path) -> ScoreSet:
+    return load_artifact(Path(workdir) / SCORES, ScoreSet, "score")
+
+
+def write_scores(workdir: str | Path, scores: ScoreSet) -> None:
+    save_artifact(Path(workdir) / SCORES, scores)
+
+
+def read_cost_profile(workdir: str | Path, name: str | None = None) -> CostProfile:
+    """The cost profile `name` in costs/, or the only one there when `name` is None."""
+    folder = Path(workdir) / COSTS
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if name:
+        files = [f for f in files if f.stem == name]
+    if not files:
+        raise PuzzleError(f"{folder}: no cost profile{' for ' + name if name else ''}; run `puzzlenas costs` first")
+    if len(files) > 1:
+        raise PuzzleError(f"{folder} holds several profiles ({', '.join(f.stem for f in files)}); choose one with --device")
+    return load_artifact(files[0], CostProfile, "costs")
+
+
+def write_cost_profile(workdir: str | Path, profile: CostProfile) -> None:
+    save_artifact(Path(workdir) / cost_profile_file(profile.device), profile)
+
+
+def read_solutions(workdir: str | Path) -> SearchResult:
+    return load_artifact(Path(workdir) / SOLUTIONS, SearchResult, "search")
+
+
+def write_solutions(workdir: str | Path, result: SearchResult) -> None:
+    save_artifact(Path(workdir) / SOLUTIONS, result)
+
+
+def read_selection(workdir: str | Path) -> Selection:
+    return load_artifact(Path(workdir) / SELECTION, Selection, "realize")
+
+
+def write_selection(workdir: str | Path, selection: Selection) -> None:
+    save_artifact(Path(workdir) / SELECTION, selection)
+
+
+class BaselineSolution:
+    """baselines/<name>/solution.json (baselines stage): a SolutionRecord, or {"infeasible": why}
+    when the baseline cannot reach the target; `from_json` returns the record or the reason."""
+
+    @staticmethod
+    def from_json(d) -> SolutionRecord | str:
+        if isinstance(d, dict) and "infeasible" in d:
+            return _field(d, "infeasible", str, "the file")
+        return SolutionRecord.from_json(d, "the baseline")
+
+    @staticmethod
+    def to_json(solution: SolutionRecord | str) -> dict:
+        return {"infeasible": solution} if isinstance(solution, str) else solution.to_json()
+
+
+def read_baseline(workdir: str | Path, name: str) -> SolutionRecord | str:
+    """A baseline's solution, or (a string) why it cannot reach the target."""
+    return load_artifact(Path(workdir) / baseline_file(name), BaselineSolution, "baselines")
+
+
+def write_baseline(workdir: str | Path, name: str, solution: SolutionRecord | str) -> None:
+    from .utils import atomic_write_json
+
+    atomic_write_json(Path(workdir) / baseline_file(name), BaselineSolution.to_json(solution))

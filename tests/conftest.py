@@ -147,6 +147,50 @@ def tiny_run(tmp_path) -> Path:
     return tmp_path / "cfg.yaml"
 
 
+# --- GKD on a tiny pruned child (test_gkd, test_distributed) -----------------------------------
+
+GKD_CFG = {
+    "data": {"seq_len": 32, "generate_sequences": 48, "val_sequences": 8},
+    # solution 0: these tests write realized/solution0 themselves, without the realize stage that picks one
+    "gkd": {"solution": 0, "tokens": 8192, "batch_size": 4, "lr": 1e-3, "val_every": 16, "checkpoint_every": 4, "dtype": "float32"},
+    "eval": {"kl_sequences": 8},
+}
+
+
+def pruned_choices(config):
+    """Parent blocks, except layer 1's attention and FFN are no-op: a child that needs healing."""
+    from puzzlenas.library.space import Alternative
+    from puzzlenas.realize import parent_choices
+
+    choices = parent_choices(config)
+    choices[1] = (Alternative(1, "attention", "no_op"), Alternative(1, "ffn", "no_op"))
+    return choices
+
+
+def prepare_gkd_workdir(workdir: Path, raw: dict):
+    """The parent converted, the data prepared and the pruned child written as realized/solution0."""
+    from puzzlenas.checkpoint.io import save_checkpoint
+    from puzzlenas.checkpoint.parent import prepare_parent
+    from puzzlenas.config import config_from_dict
+    from puzzlenas.data import prepare_data
+    from puzzlenas.realize import assemble_child
+
+    cfg = config_from_dict(raw)
+    parent, tok, fp = prepare_parent(cfg.parent, workdir)
+    data = prepare_data(cfg.data, tok, workdir, model=parent, model_fingerprint=fp)
+    child = assemble_child(parent, pruned_choices(parent.config))
+    save_checkpoint(child, workdir / "realized" / "solution0")
+    return cfg, parent, data
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    from puzzlenas.checkpoint.io import load_checkpoint
+
+    ma, mb = load_checkpoint(a).state_dict(), load_checkpoint(b).state_dict()
+    assert ma.keys() == mb.keys()
+    return max((ma[k] - mb[k]).abs().max().item() for k in ma)
+
+
 def start_cli(args: list[str], env: dict[str, str] | None = None):
     """`python -m puzzlenas ARGS` in a subprocess (extra environment `env`), output captured."""
     import subprocess

@@ -170,23 +170,24 @@ def test_heuristics_keep_to_the_engines_blocks(ablations):
     from puzzlenas.library.space import Alternative, target_alternatives
     from puzzlenas.pipeline import parent_config
     from puzzlenas.search import heuristics
+    from puzzlenas.workdir import read_cost_profile, read_scores
 
     _, root = ablations
     work = root / "w" / "base"
     cfg = load_config(root / "cfg.yaml", [f"search.throughput={TARGET}"])
-    scores = json.loads((work / "scores" / "replace1.json").read_text())
-    profile = json.loads(next((work / "costs").glob("*.json")).read_text())
+    scores = read_scores(work)
+    profile = read_cost_profile(work)
     every = [a.name for a in target_alternatives(cfg, parent_config(work))]
     cfg.target.engine = "vllm"
     served = [a.name for a in target_alternatives(cfg, parent_config(work))]
     assert len(served) < len(every)
     cfg.search.throughput = 1.5
     for method, seed in [("greedy", 0), *(("random", s) for s in range(5))]:
-        sol = heuristics.run(cfg, scores, profile, served, method, seed=seed)["solutions"][0]
-        assert sol["predicted_speedup"] >= 1.5 * (1 - 1e-9)
-        picked = [Alternative.from_name(x[sub]) for x in sol["layers"] for sub in ("attention", "ffn")]
+        sol = heuristics.run(cfg, scores, profile, served, method, seed=seed).solutions[0]
+        assert sol.predicted_speedup >= 1.5 * (1 - 1e-9)
+        picked = [Alternative.from_name(name) for pair in sol.layers for name in pair]
         assert not any(a.kind == "linear" for a in picked)
-        assert Alternative.from_name(sol["layers"][0]["attention"]).kind != "no_op"
+        assert Alternative.from_name(sol.layers[0][0]).kind != "no_op"
     with pytest.raises(PuzzleError, match="unknown heuristic"):
         heuristics.run(cfg, scores, profile, served, "annealing")
 

@@ -25,9 +25,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_parent, start_cli
+from conftest import GKD_CFG, make_tiny_parent, max_weight_diff, prepare_gkd_workdir, start_cli
 from test_bld import TINY_CFG, _assert_same_library
-from test_gkd_eval import GKD_CFG, _max_weight_diff, _prepare
 
 from puzzlenas.errors import PuzzleError
 
@@ -79,7 +78,7 @@ def gkd_runs(tmp_path_factory):
     make_tiny_parent("llama").save_pretrained(tmp / "parent")
     raw = {"parent": str(tmp / "parent"), **GKD_CFG}
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    _prepare(tmp / "one", raw)
+    prepare_gkd_workdir(tmp / "one", raw)
     for name in ("two", "killed", "resharded"):  # the same parent, data and realized child
         shutil.copytree(tmp / "one", tmp / name)
     one = start_cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "one"), *OPTS])
@@ -97,7 +96,7 @@ def test_fsdp2_gkd_two_processes_match_one(gkd_runs):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL), (a, b)
     assert one[-1]["val_kl"] < 0.9 * one[0]["val_kl"]  # it trained
-    assert _max_weight_diff(gkd_runs / "one" / "child", gkd_runs / "two" / "child") < WEIGHT_ATOL
+    assert max_weight_diff(gkd_runs / "one" / "child", gkd_runs / "two" / "child") < WEIGHT_ATOL
     assert not (gkd_runs / "two" / "gkd" / "sharded").exists()  # states are gone once the child is saved
 
 
@@ -120,7 +119,7 @@ def test_sharded_checkpoint_resumes_after_sigkill(gkd_runs):
     out = finish(torchrun(args))
     assert "resuming GKD from step" in out
     assert losses(work)[-1]["val_kl"] == pytest.approx(losses(gkd_runs / "two")[-1]["val_kl"], rel=LOSS_RTOL)
-    assert _max_weight_diff(gkd_runs / "two" / "child", work / "child") < WEIGHT_ATOL
+    assert max_weight_diff(gkd_runs / "two" / "child", work / "child") < WEIGHT_ATOL
 
 
 def test_sharded_checkpoint_resumes_in_one_process(gkd_runs):
@@ -134,7 +133,7 @@ def test_sharded_checkpoint_resumes_in_one_process(gkd_runs):
     out = finish(start_cli(args))
     assert "resuming GKD from step 4/8" in out
     assert not (work / "gkd" / "sharded").exists()
-    assert _max_weight_diff(gkd_runs / "one" / "child", work / "child") < WEIGHT_ATOL
+    assert max_weight_diff(gkd_runs / "one" / "child", work / "child") < WEIGHT_ATOL
 
 
 def test_activation_checkpointing_trains_the_same_child(tmp_path):
@@ -145,7 +144,7 @@ def test_activation_checkpointing_trains_the_same_child(tmp_path):
 
     make_tiny_parent("llama").save_pretrained(tmp_path / "parent")
     raw = {"parent": str(tmp_path / "parent"), **GKD_CFG, "gkd": {**GKD_CFG["gkd"], "tokens": 512}}
-    cfg, parent, data = _prepare(tmp_path / "plain", raw)
+    cfg, parent, data = prepare_gkd_workdir(tmp_path / "plain", raw)
     shutil.copytree(tmp_path / "plain", tmp_path / "ckpt")
     gkd.run(cfg, tmp_path / "plain", parent, data, progress=False)
     raw["gkd"]["activation_checkpointing"] = True

@@ -17,6 +17,7 @@ from puzzlenas.realize import assemble_child, parent_choices
 from puzzlenas.score import compare_logits, score_alternatives
 from puzzlenas.search import parse_factor, parse_size
 from puzzlenas.search.mip import Infeasible, Problem, evaluate, solve
+from puzzlenas.workdir import ScoreSet
 
 
 def random_problem(seed: int, layers: int = 4, per_layer: int = 9) -> Problem:
@@ -180,10 +181,10 @@ def test_estimated_profile_is_labelled_and_monotone():
     space = config_from_dict({"search_space": {"ffn_multiple_of": 8}}).search_space
     alts = enumerate_alternatives(space, parent.config)
     profile = estimate_profile(parent.config, alts, Scenario(8, 128, 64), DEVICE_PRESETS["h100-sxm"], "bfloat16")
-    assert profile["estimated"] and "estimated" in profile["device"]
-    t = profile["alternatives"]
-    assert t["layer000.ffn.mlp96"]["decode_s"] > t["layer000.ffn.mlp48"]["decode_s"] > t["layer000.ffn.no_op"]["decode_s"]
-    assert t["layer000.attention.gqa2"]["kv_bytes"] == 2 * t["layer000.attention.gqa1"]["kv_bytes"] > 0
+    assert profile.estimated and "estimated" in profile.device
+    t = profile.alternatives
+    assert t["layer000.ffn.mlp96"].decode_s > t["layer000.ffn.mlp48"].decode_s > t["layer000.ffn.no_op"].decode_s
+    assert t["layer000.attention.gqa2"].kv_bytes == 2 * t["layer000.attention.gqa1"].kv_bytes > 0
 
 
 def test_cpu_roofline_preset_is_measured_and_labelled(tmp_path):
@@ -193,8 +194,8 @@ def test_cpu_roofline_preset_is_measured_and_labelled(tmp_path):
     parent = convert_parent(make_tiny_parent("llama"))
     cfg = config_from_dict({"costs": {"device": "cpu-roofline"}, "search_space": {"ffn_multiple_of": 8}})
     profile = costs_stage.run(cfg, tmp_path, parent, progress=False)
-    assert profile["estimated"] and "estimated" in profile["preset"]["name"]
-    assert profile["preset"]["flops"] > 1e9 and profile["preset"]["bandwidth"] > 1e8
+    assert profile.estimated and "estimated" in profile.extra["preset"]["name"]
+    assert profile.extra["preset"]["flops"] > 1e9 and profile.extra["preset"]["bandwidth"] > 1e8
     assert (tmp_path / "costs" / "cpu-roofline.json").is_file()
     with pytest.raises(Exception, match="unknown"):
         costs_stage.run(config_from_dict({"costs": {"device": "tpu9"}}), tmp_path, parent, progress=False)
@@ -214,14 +215,14 @@ def test_measured_scenario_and_search_end_to_end_on_tiny_parent(tmp_path):
         "search": {"throughput": 1.3, "solutions": 2, "diversity": 0.3},
     })
     profile = costs_stage.run(cfg, tmp_path, parent, progress=False)
-    assert (tmp_path / "costs" / f"{profile['device']}.json").is_file() and not profile["estimated"]
+    assert (tmp_path / "costs" / f"{profile.device}.json").is_file() and not profile.estimated
     alts = enumerate_alternatives(cfg.search_space, parent.config)
     ids = torch.randint(0, 99, (2, 16))
-    scores = {"scores": score_alternatives(parent, None, alts, ids, progress=False)}
+    scores = ScoreSet("test", "test", int(ids[:, 1:].numel()), score_alternatives(parent, None, alts, ids, progress=False))
     result = search.run(cfg, tmp_path, scores, profile, [a.name for a in alts])
-    assert 1 <= len(result["solutions"]) <= 2
-    for s in result["solutions"]:
-        assert s["predicted_speedup"] >= 1.3 - 1e-9
+    assert 1 <= len(result.solutions) <= 2
+    for s in result.solutions:
+        assert s.predicted_speedup >= 1.3 - 1e-9
     assert (tmp_path / "search" / "solutions.json").is_file()
     m = measure_model_scenario(parent, Scenario(1, 32, 8), warmup=1, repeats=2)
     assert m["prefill_s"] > 0 and m["decode_tok_s"] > 0

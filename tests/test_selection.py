@@ -37,6 +37,7 @@ def independent_kl(cfg, work: Path) -> list[float]:
     from puzzlenas.library.store import Library
     from puzzlenas.pipeline import load_context
     from puzzlenas.realize import assemble_child, choices_from_solution
+    from puzzlenas.workdir import read_solutions
 
     ctx = load_context(cfg, work, torch.device("cpu"))  # the parent and the data stage's sequences
     parent, val = ctx.parent.eval(), ctx.data.val
@@ -46,7 +47,7 @@ def independent_kl(cfg, work: Path) -> list[float]:
     wiki = ids[len(ids) - len(domain) * seq_len :].reshape(len(domain), seq_len)
     library = Library(work / "library", ctx.parent_fingerprint, ctx.data.fingerprint)
     out = []
-    for s in json.loads((work / "search" / "solutions.json").read_text())["solutions"]:
+    for s in read_solutions(work).solutions:
         child = assemble_child(parent, choices_from_solution(s), library)
         kls = []
         with torch.no_grad():

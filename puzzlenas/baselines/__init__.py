@@ -7,8 +7,8 @@ library and initializations (then realized, distilled and evaluated exactly like
   depth   depth pruning (ShortGPT-style): whole layers (attention and FFN no-op) are removed, the
           layer with the lowest replace-1-block damage first, until the target is met.
 
-Each is written as a solution (same JSON shape as search/solutions.json) to
-baselines/<name>/solution.json.
+Each is written as a solution (a workdir.SolutionRecord, as in search/solutions.json) to
+baselines/<name>/solution.json, or {"infeasible": why} when it cannot reach the target.
 """
 
 from __future__ import annotations
@@ -20,23 +20,24 @@ from ..errors import PuzzleError
 from ..library.space import Alternative
 from ..score import damage
 from ..search import layer_alternatives
-from ..utils import atomic_write_json
+from ..workdir import CostProfile, ScoreSet, SolutionRecord, write_baseline
 
 
-def _solution(layers: list[tuple[Alternative, Alternative]], profile: dict, scores: dict, metric: str,
-              parent_time: float, name: str) -> dict:
+def _solution(layers: list[tuple[Alternative, Alternative]], profile: CostProfile, scores: dict, metric: str,
+              parent_time: float, name: str, description: str | None = None) -> SolutionRecord:
     names = [x.name for pair in layers for x in pair]
     t = scenario_time(profile, names)
-    prof = profile["alternatives"]
-    return {
-        "rank": name,
-        "damage": sum(damage(scores[n], metric) for n in names),
-        "predicted_speedup": parent_time / t["total_s"],
-        "predicted": t,
-        "memory_bytes": profile["shared"]["weight_bytes"] + sum(prof[n]["weight_bytes"] + prof[n]["kv_bytes"] for n in names),
-        "params": profile["shared"]["params"] + sum(prof[n]["params"] for n in names),
-        "layers": [{"attention": a.name, "ffn": f.name} for a, f in layers],
-    }
+    prof = profile.alternatives
+    return SolutionRecord(
+        rank=name,
+        damage=sum(damage(scores[n], metric) for n in names),
+        predicted_speedup=parent_time / t["total_s"],
+        predicted=t,
+        memory_bytes=profile.shared.weight_bytes + sum(prof[n].weight_bytes + prof[n].kv_bytes for n in names),
+        params=profile.shared.params + sum(prof[n].params for n in names),
+        layers=tuple((a.name, f.name) for a, f in layers),
+        description=description,
+    )
 
 
 def _parent_pairs(by_layer) -> list[tuple[Alternative, Alternative]]:
@@ -48,7 +49,8 @@ def _parent_pairs(by_layer) -> list[tuple[Alternative, Alternative]]:
     return pairs
 
 
-def width_baseline(profile: dict, scores: dict, metric: str, alternatives: list[str], target: float) -> dict:
+def width_baseline(profile: CostProfile, scores: dict, metric: str, alternatives: list[str],
+                   target: float) -> SolutionRecord:
     by_layer = layer_alternatives(alternatives)
     parent = _parent_pairs(by_layer)
     parent_time = scenario_time(profile, [x.name for p in parent for x in p])["total_s"]
@@ -57,14 +59,15 @@ def width_baseline(profile: dict, scores: dict, metric: str, alternatives: list[
     for kv in sorted(common_kv, reverse=True):
         for size in sorted(common_ffn, reverse=True):
             layers = [(Alternative(i, "attention", "gqa", kv), Alternative(i, "ffn", "mlp", size)) for i in sorted(by_layer)]
-            sol = _solution(layers, profile, scores, metric, parent_time, "width")
-            if sol["predicted_speedup"] >= target:
-                sol["description"] = f"uniform FFN {size}, {kv} KV heads in every layer"
+            sol = _solution(layers, profile, scores, metric, parent_time, "width",
+                            f"uniform FFN {size}, {kv} KV heads in every layer")
+            if sol.predicted_speedup >= target:
                 return sol
     raise PuzzleError(f"width baseline: no uniform FFN size / KV-head count in the library reaches {target}x")
 
 
-def depth_baseline(profile: dict, scores: dict, metric: str, alternatives: list[str], target: float) -> dict:
+def depth_baseline(profile: CostProfile, scores: dict, metric: str, alternatives: list[str],
+                   target: float) -> SolutionRecord:
     by_layer = layer_alternatives(alternatives)
     layers = _parent_pairs(by_layer)
     parent_time = scenario_time(profile, [x.name for p in layers for x in p])["total_s"]
@@ -80,14 +83,16 @@ def depth_baseline(profile: dict, scores: dict, metric: str, alternatives: list[
     for i in sorted(removal_damage, key=removal_damage.get):
         layers[i] = (Alternative(i, "attention", "no_op"), Alternative(i, "ffn", "no_op"))
         removed.append(i)
-        sol = _solution(layers, profile, scores, metric, parent_time, "depth")
-        if sol["predicted_speedup"] >= target:
-            sol["description"] = f"{len(removed)} layers removed: {sorted(removed)}"
+        sol = _solution(layers, profile, scores, metric, parent_time, "depth",
+                        f"{len(removed)} layers removed: {sorted(removed)}")
+        if sol.predicted_speedup >= target:
             return sol
     raise PuzzleError(f"depth baseline: removing every layer does not reach {target}x")
 
 
-def run(cfg, workdir: str | Path, scores: dict, profile: dict, alternatives: list[str]) -> dict[str, dict]:
+def run(cfg, workdir: str | Path, scores: ScoreSet, profile: CostProfile,
+        alternatives: list[str]) -> dict[str, SolutionRecord | str]:
+    """Each baseline's solution, or (a string) why it cannot reach the target; both are written."""
     from ..search import parse_factor
 
     if cfg.search.throughput is None:
@@ -96,9 +101,9 @@ def run(cfg, workdir: str | Path, scores: dict, profile: dict, alternatives: lis
     out = {}
     for name, fn in (("width", width_baseline), ("depth", depth_baseline)):
         try:
-            sol = fn(profile, scores["scores"], cfg.score.metric, alternatives, target)
+            sol = fn(profile, scores.scores, cfg.score.metric, alternatives, target)
         except PuzzleError as exc:  # a baseline that cannot reach the target is a result, not a crash
-            sol = {"infeasible": str(exc)}
-        atomic_write_json(Path(workdir) / "baselines" / name / "solution.json", sol)
+            sol = str(exc)
+        write_baseline(workdir, name, sol)
         out[name] = sol
     return out

@@ -17,6 +17,7 @@ This module is the stage: `run` picks one, and saves costs/<profile name>.json.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from ..engines.base import Scenario
 from ..engines.torch_engine import measure_model_scenario
 from ..errors import PuzzleError
 from ..library.space import target_alternatives
-from ..utils import atomic_write_json
+from ..workdir import CostProfile, write_cost_profile
 from .measure import STREAM_BYTES, measure_alternative, measure_profile, measure_shared
 from .profile import (
     alternative_kv_bytes_per_token,
@@ -40,7 +41,7 @@ from .profile import (
 from .roofline import DEVICE_PRESETS, estimate_profile, measure_cpu_roofline, serving_dtype
 
 
-def run(cfg, workdir: str | Path, parent, progress: bool = True) -> dict:
+def run(cfg, workdir: str | Path, parent, progress: bool = True) -> CostProfile:
     """Measure (or estimate, for a preset device) and save costs/<device>.json."""
     workdir = Path(workdir)
     c = cfg.costs
@@ -49,8 +50,7 @@ def run(cfg, workdir: str | Path, parent, progress: bool = True) -> dict:
     if c.device == "cpu-roofline":
         preset = measure_cpu_roofline()
         profile = estimate_profile(parent.config, alternatives, scenario, preset, "float32" if c.dtype == "auto" else c.dtype)
-        profile["device"] = "cpu-roofline"
-        profile["preset"] = preset
+        profile = replace(profile, device="cpu-roofline", extra={**profile.extra, "preset": preset})
     elif c.device != "auto":
         if c.device not in DEVICE_PRESETS:
             raise PuzzleError(
@@ -58,11 +58,10 @@ def run(cfg, workdir: str | Path, parent, progress: bool = True) -> dict:
             )
         profile = estimate_profile(parent.config, alternatives, scenario, DEVICE_PRESETS[c.device],
                                    serving_dtype("bfloat16" if c.dtype == "auto" else c.dtype, torch.device("cuda")))
-        profile["device"] = c.device
+        profile = replace(profile, device=c.device)
     else:
         profile = measure_profile(cfg, workdir, parent, alternatives, scenario, progress)
-    out_file = workdir / "costs" / f"{profile['device']}.json"
-    atomic_write_json(out_file, profile)
+    write_cost_profile(workdir, profile)
     return profile
 
 

@@ -13,15 +13,17 @@ names no engine; a new engine plugs in through puzzlenas/engines/ alone:
 
 from __future__ import annotations
 
-import json
+import contextlib
 from pathlib import Path
 
 import torch
 
 from ..engines.base import Scenario
 from ..engines.torch_engine import measure_model_scenario
+from ..errors import PuzzleError
 from ..library.space import Alternative, build_subblock
 from ..utils import fingerprint, median_time
+from ..workdir import CostProfile, cost_profile_file, load_artifact
 from .profile import BYTES, alternative_memory, alternative_params, profile_name, shared_memory
 
 STREAM_BYTES = 256 * 2**20  # more than any CPU's last-level cache
@@ -96,7 +98,7 @@ def measure_shared(parent, scenario: Scenario, warmup: int, repeats: int, dtype=
     return {"prefill_s": m["prefill_s"], "decode_s": m["decode_s"] / scenario.generate_len}
 
 
-def measure_profile(cfg, workdir: Path, parent, alternatives, scenario: Scenario, progress: bool) -> dict:
+def measure_profile(cfg, workdir: Path, parent, alternatives, scenario: Scenario, progress: bool) -> CostProfile:
     """Time the alternatives on this machine: in puzzlenas's harness sub-block by sub-block
     (engine torch), or in the target engine with whole-model variants (costs/variants.py). A
     profile already on disk for the same inputs is returned as it is."""
@@ -110,11 +112,12 @@ def measure_profile(cfg, workdir: Path, parent, alternatives, scenario: Scenario
     name = profile_name(cfg, device)
     key = fingerprint(name, dtype_name, scenario.__dict__, c.warmup, c.repeats,
                       sorted(a.name for a in alternatives), parent.config.to_dict())
-    out_file = workdir / "costs" / f"{name}.json"
+    out_file = workdir / cost_profile_file(name)
     if out_file.is_file():
-        cached = json.loads(out_file.read_text())
-        if cached.get("fingerprint") == key:
-            return cached
+        with contextlib.suppress(PuzzleError):  # an unreadable profile is measured again
+            cached = load_artifact(out_file, CostProfile, "costs")
+            if cached.extra.get("fingerprint") == key:
+                return cached
     bpe = BYTES[dtype_name]
     if engine.profiles_by_variants:
         from .variants import measure_variants_profile
@@ -139,7 +142,7 @@ def measure_profile(cfg, workdir: Path, parent, alternatives, scenario: Scenario
             times[shape] = measure_alternative(parent.config, a, scenario, device, dtype, c.warmup, c.repeats)
         shared = measure_shared(parent, scenario, c.warmup, c.repeats, dtype)
         extra = {"engine": engine.name, "method": "sub-blocks in the PyTorch harness"}
-    return {
+    return CostProfile.from_json({
         "device": name,
         "estimated": False,
         "dtype": dtype_name,
@@ -149,4 +152,4 @@ def measure_profile(cfg, workdir: Path, parent, alternatives, scenario: Scenario
         "shared": {**shared, **shared_memory(parent.config, bpe)},
         "alternatives": {a.name: {**times[a.shape], **alternative_memory(parent.config, a, scenario, bpe)}
                          for a in alternatives},
-    }
+    })

@@ -4,6 +4,7 @@
                          "shared": {prefill_s, decode_s, params, weight_bytes},
                          "alternatives": {alternative name: {prefill_s, decode_s, params, weight_bytes, kv_bytes}},
                          "decode_steps" (engines only), ...}
+    read and written as a `workdir.CostProfile` (workdir.read_cost_profile / write_cost_profile).
 
 Times are measured (costs/measure.py) or estimated (costs/roofline.py); memory is counted here,
 the same way for both: weight bytes in the serving dtype and KV-cache bytes for B x (P + G) tokens.
@@ -19,6 +20,7 @@ import torch
 
 from ..checkpoint.io import attention_params, ffn_params
 from ..library.space import Alternative
+from ..workdir import CostProfile
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # per element, by serving dtype
 
@@ -56,23 +58,23 @@ def shared_memory(config, bytes_per_element: int) -> dict:
 
 # --- time arithmetic: T = prefill + decode_steps x one decode step ------------------------------
 
-def decode_steps(profile: dict) -> int:
+def decode_steps(profile: CostProfile) -> int:
     """Decode forwards in one scenario run: generate_len in the harness (prefill, then G steps); one
     fewer in an engine, whose prefill already yields the first token."""
-    return profile.get("decode_steps", profile["scenario"]["generate_len"])
+    return profile.scenario["generate_len"] if profile.decode_steps is None else profile.decode_steps
 
 
-def scenario_time(profile: dict, names: list[str]) -> dict:
+def scenario_time(profile: CostProfile, names: list[str]) -> dict:
     """Predicted prefill, per-step decode and total scenario seconds of a set of sub-blocks."""
-    prefill = profile["shared"]["prefill_s"] + sum(profile["alternatives"][n]["prefill_s"] for n in names)
-    decode = profile["shared"]["decode_s"] + sum(profile["alternatives"][n]["decode_s"] for n in names)
+    prefill = profile.shared.prefill_s + sum(profile.alternatives[n].prefill_s for n in names)
+    decode = profile.shared.decode_s + sum(profile.alternatives[n].decode_s for n in names)
     return {"prefill_s": prefill, "decode_step_s": decode, "total_s": prefill + decode_steps(profile) * decode}
 
 
-def alternative_time(profile: dict, name: str) -> float:
+def alternative_time(profile: CostProfile, name: str) -> float:
     """Scenario seconds one alternative contributes: prefill + decode steps x one step."""
-    a = profile["alternatives"][name]
-    return a["prefill_s"] + decode_steps(profile) * a["decode_s"]
+    a = profile.alternatives[name]
+    return a.prefill_s + decode_steps(profile) * a.decode_s
 
 
 # --- names ------------------------------------------------------------------------------------

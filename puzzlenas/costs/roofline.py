@@ -11,6 +11,7 @@ import time
 import torch
 
 from ..engines.base import Scenario
+from ..workdir import CostProfile
 from .profile import BYTES, alternative_kv_bytes_per_token, alternative_memory, device_name, shared_memory
 
 # Published dense bf16 peak and memory bandwidth (vendor datasheets).
@@ -47,7 +48,7 @@ def measure_cpu_roofline() -> dict:
     return {"name": f"{device_name(torch.device('cpu'))} roofline (estimated)", "flops": flops, "bandwidth": bandwidth}
 
 
-def estimate_profile(config, alternatives, scenario: Scenario, preset: dict, dtype_name: str) -> dict:
+def estimate_profile(config, alternatives, scenario: Scenario, preset: dict, dtype_name: str) -> CostProfile:
     """Roofline: time = max(FLOPs / peak, bytes moved / bandwidth) per sub-block and phase."""
     bpe = BYTES[dtype_name]
     B, P, ctx, C = scenario.batch_size, scenario.prompt_len, scenario.decode_context, config.hidden_size
@@ -71,7 +72,7 @@ def estimate_profile(config, alternatives, scenario: Scenario, preset: dict, dty
             **memory,
         }
     head = config.vocab_size * C
-    return {
+    return CostProfile.from_json({
         "device": preset["name"],
         "estimated": True,
         "dtype": dtype_name,
@@ -82,4 +83,4 @@ def estimate_profile(config, alternatives, scenario: Scenario, preset: dict, dty
             **shared_memory(config, bpe),
         },
         "alternatives": alts,
-    }
+    })

@@ -111,9 +111,10 @@ def _read_done(path: Path) -> dict:
 def run(cfg, workdir: str | Path, parent, data, tokenizer=None, progress: bool = True) -> Path:
     """Distill workdir/realized/solution<k> into workdir/child; resumes after a kill."""
     from ..realize.selection import chosen_solution
+    from ..workdir import realized_dir
 
     workdir = Path(workdir)
-    source = workdir / "realized" / f"solution{chosen_solution(cfg, workdir)}"
+    source = workdir / realized_dir(chosen_solution(cfg, workdir))
     return distill(cfg, source, workdir / "child", workdir / "gkd", parent, data, tokenizer, progress)
 
 

@@ -16,6 +16,7 @@ from ..errors import PuzzleError
 from ..library.space import Alternative, CoupledPair, is_parent_alternative, parent_subblock_state
 from ..library.store import Library
 from ..model import BlockConfig, DeciLMConfig, DeciLMForCausalLM
+from ..workdir import SolutionRecord
 
 LayerChoice = tuple[Alternative, Alternative]  # (attention alternative, FFN alternative)
 
@@ -91,8 +92,8 @@ def parent_choices(parent_config: DeciLMConfig) -> list[LayerChoice]:
     return out
 
 
-def choices_from_solution(solution: dict) -> list[LayerChoice]:
-    return [(Alternative.from_name(x["attention"]), Alternative.from_name(x["ffn"])) for x in solution["layers"]]
+def choices_from_solution(solution: SolutionRecord) -> list[LayerChoice]:
+    return [(Alternative.from_name(a), Alternative.from_name(f)) for a, f in solution.layers]
 
 
 def run(cfg, workdir, parent, library: Library, tokenizer=None, val=None):
@@ -100,17 +101,14 @@ def run(cfg, workdir, parent, library: Library, tokenizer=None, val=None):
     workdir/realized/solution<k>/ (the child before global distillation). gkd.solution: auto
     first measures every solution's child on held-out text (`val`: the data's validation
     sequences) and chooses the best (selection.py)."""
-    import json
     from pathlib import Path
 
     from ..checkpoint.io import save_checkpoint
+    from ..workdir import read_solutions, realized_dir
     from .selection import chosen_solution, select
 
     workdir = Path(workdir)
-    solutions_file = workdir / "search" / "solutions.json"
-    if not solutions_file.is_file():
-        raise PuzzleError(f"{solutions_file} not found; run `puzzlenas search` first")
-    solutions = json.loads(solutions_file.read_text())["solutions"]
+    solutions = read_solutions(workdir).solutions
     if cfg.gkd.solution == "auto":
         if val is None:
             raise PuzzleError("gkd.solution=auto needs the validation sequences to measure the candidates")
@@ -119,6 +117,6 @@ def run(cfg, workdir, parent, library: Library, tokenizer=None, val=None):
     if k >= len(solutions):
         raise PuzzleError(f"gkd.solution={k} but the search found {len(solutions)} solution(s)")
     child = assemble_child(parent, choices_from_solution(solutions[k]), library)
-    out = workdir / "realized" / f"solution{k}"
+    out = workdir / realized_dir(k)
     save_checkpoint(child, out, tokenizer, overwrite=True)  # the work directory's own folder
     return out

@@ -23,6 +23,7 @@ killed realize resumes after the last measured candidate; search/selection.json 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -31,20 +32,24 @@ import torch
 
 from ..errors import PuzzleError
 from ..utils import atomic_write_json, fingerprint
+from ..workdir import (
+    SELECTION,
+    SELECTION_PARTIAL,
+    Candidate,
+    Selection,
+    read_selection,
+    read_solutions,
+    write_selection,
+)
 
 log = logging.getLogger(__name__)
 
-SELECTION = Path("search") / "selection.json"
-PARTIAL = Path("search") / "selection.partial.json"
 MAX_SEQUENCES = 64  # per source: enough to rank K children, seconds even at 8B
 
 
 def solutions_fingerprint(workdir: Path) -> str:
     """Identity of the search result that a selection was made from (layers of every solution)."""
-    path = Path(workdir) / "search" / "solutions.json"
-    if not path.is_file():
-        raise PuzzleError(f"{path} not found; run `puzzlenas search` first")
-    return fingerprint([s["layers"] for s in json.loads(path.read_text())["solutions"]])
+    return fingerprint(read_solutions(workdir).layers_json())
 
 
 def chosen_solution(cfg, workdir: str | Path) -> int:
@@ -57,10 +62,10 @@ def chosen_solution(cfg, workdir: str | Path) -> int:
     if not path.is_file():
         raise PuzzleError(f"gkd.solution=auto: {path} not found; run `puzzlenas realize` first "
                           "(it measures the candidate solutions and picks one)")
-    selection = json.loads(path.read_text())
-    if selection.get("solutions_fingerprint") != solutions_fingerprint(Path(workdir)):
+    selection = read_selection(workdir)
+    if selection.solutions_fingerprint != solutions_fingerprint(Path(workdir)):
         raise PuzzleError(f"{path} was made from an earlier search result; rerun `puzzlenas realize`")
-    return int(selection["chosen"])
+    return selection.chosen
 
 
 def selection_sequences(cfg, val: torch.Tensor, tokenizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -117,26 +122,27 @@ def measure(child, parent, seqs: dict[str, torch.Tensor], batch_size: int) -> di
     return {"kl": kl, "agreement": agreement}
 
 
-def select(cfg, workdir: str | Path, parent, build_child, val: torch.Tensor, tokenizer) -> dict:
+def select(cfg, workdir: str | Path, parent, build_child, val: torch.Tensor, tokenizer) -> Selection:
     """Measure every search solution's child (`build_child(solution)`: assembled from the library)
     and write search/selection.json; returns it."""
     from ..workdir import output_fingerprint
 
     workdir = Path(workdir)
-    solutions = json.loads((workdir / "search" / "solutions.json").read_text())["solutions"]
+    solutions = read_solutions(workdir).solutions
     seqs, sources = selection_sequences(cfg, val, tokenizer)
     # the candidates, their blocks and the text: a partial result of other inputs is measured again
     key = fingerprint(solutions_fingerprint(workdir), output_fingerprint(workdir, "library/index.json"),
                       *[seqs[s] for s in sorted(seqs)])
-    partial_file = workdir / PARTIAL
+    partial_file = workdir / SELECTION_PARTIAL
     done: dict = {}
     if partial_file.is_file():
-        with_key = json.loads(partial_file.read_text())
-        if with_key.get("key") == key:  # same candidates, same text: keep what was measured
-            done = with_key["candidates"]
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable: measure again
+            with_key = json.loads(partial_file.read_text())
+            if with_key.get("key") == key:  # same candidates, same text: keep what was measured
+                done = dict(with_key["candidates"])
     parent.eval()
     for s in solutions:
-        rank = str(s["rank"])
+        rank = str(s.rank)
         if rank in done:
             continue
         log.info("selection: measuring solution %s of %d", rank, len(solutions))
@@ -144,34 +150,32 @@ def select(cfg, workdir: str | Path, parent, build_child, val: torch.Tensor, tok
         done[rank] = measure(child, parent, seqs, cfg.eval.batch_size)
         del child
         atomic_write_json(partial_file, {"key": key, "candidates": done})
-    candidates = [{"rank": s["rank"], "predicted_speedup": s["predicted_speedup"], "damage": s["damage"],
-                   **done[str(s["rank"])]} for s in solutions]
+    candidates = [Candidate(s.rank, s.predicted_speedup, s.damage, **done[str(s.rank)]) for s in solutions]
     # lowest mixed KL; on a tie the better predicted rank (candidates are in rank order)
-    best = min(candidates, key=lambda c: c["kl"]["mixed"])
-    predicted = min(candidates, key=lambda c: c["damage"])
+    best = min(candidates, key=lambda c: c.kl["mixed"])
+    predicted = min(candidates, key=lambda c: c.damage)
     used = " + ".join(n for n in seqs)
-    reason = (f"lowest mixed KL to the parent ({best['kl']['mixed']:.4g}) on {used} text, measured before GKD")
-    if best["rank"] != predicted["rank"]:
-        reason += (f"; the lowest predicted damage, solution {predicted['rank']}, measured "
-                   f"{predicted['kl']['mixed']:.4g}")
-    selection = {"chosen": best["rank"], "reason": reason, "predicted_best": predicted["rank"],
-                 "domain_only": "wikitext2" not in seqs, "sources": sources, "mixed": f"mean of {used} KL",
-                 "solutions_fingerprint": solutions_fingerprint(workdir), "candidates": candidates}
-    atomic_write_json(workdir / SELECTION, selection)
+    reason = (f"lowest mixed KL to the parent ({best.kl['mixed']:.4g}) on {used} text, measured before GKD")
+    if best.rank != predicted.rank:
+        reason += (f"; the lowest predicted damage, solution {predicted.rank}, measured "
+                   f"{predicted.kl['mixed']:.4g}")
+    selection = Selection(best.rank, reason, predicted.rank, "wikitext2" not in seqs, sources, f"mean of {used} KL",
+                          solutions_fingerprint(workdir), tuple(candidates))
+    write_selection(workdir, selection)
     partial_file.unlink(missing_ok=True)
-    log.info("selection: solution %d (%s)", best["rank"], reason)
+    log.info("selection: solution %d (%s)", best.rank, reason)
     return selection
 
 
-def format_selection(selection: dict) -> str:
+def format_selection(selection: Selection) -> str:
     """A markdown table of the candidates: predicted speed-up and damage, measured KL and agreement."""
-    names = [n for n in ("domain", "wikitext2") if n in selection["candidates"][0]["kl"]]
+    names = [n for n in ("domain", "wikitext2") if n in selection.candidates[0].kl]
     head = ["solution", "predicted speed-up", "predicted damage"] + [f"KL {n}" for n in names] + ["KL mixed",
                                                                                                    "agreement mixed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in selection["candidates"]:
-        mark = " (chosen)" if c["rank"] == selection["chosen"] else ""
-        row = [f"{c['rank']}{mark}", f"{c['predicted_speedup']:.2f}x", f"{c['damage']:.4g}"]
-        row += [f"{c['kl'][n]:.4g}" for n in names] + [f"{c['kl']['mixed']:.4g}", f"{c['agreement']['mixed']:.3f}"]
+    for c in selection.candidates:
+        mark = " (chosen)" if c.rank == selection.chosen else ""
+        row = [f"{c.rank}{mark}", f"{c.predicted_speedup:.2f}x", f"{c.damage:.4g}"]
+        row += [f"{c.kl[n]:.4g}" for n in names] + [f"{c.kl['mixed']:.4g}", f"{c.agreement['mixed']:.3f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

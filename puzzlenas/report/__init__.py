@@ -16,6 +16,18 @@ import yaml
 
 from ..library.space import Alternative
 from ..utils import atomic_write_text
+from ..workdir import (
+    BASELINES,
+    SELECTION,
+    SOLUTIONS,
+    SearchResult,
+    Selection,
+    SolutionRecord,
+    baseline_file,
+    read_baseline,
+    read_selection,
+    read_solutions,
+)
 
 COLORS = {"gqa": "#4c72b0", "linear": "#dd8452", "no_op": "#d9d9d9", "mlp": "#55a868"}
 
@@ -24,14 +36,14 @@ def _load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def architecture_figure(solution: dict, out: Path, title: str) -> Path:
+def architecture_figure(solution: SolutionRecord, out: Path, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    layers = [(Alternative.from_name(x["attention"]), Alternative.from_name(x["ffn"])) for x in solution["layers"]]
+    layers = [(Alternative.from_name(a), Alternative.from_name(f)) for a, f in solution.layers]
     largest = max((f.size for _, f in layers if f.kind == "mlp"), default=1)
     fig, ax = plt.subplots(figsize=(6, max(3, 0.22 * len(layers) + 1)))
     for i, pair in enumerate(layers):
@@ -54,7 +66,8 @@ def architecture_figure(solution: dict, out: Path, title: str) -> Path:
     return out
 
 
-def quality_speed_figure(solutions: dict, baselines: dict, results: dict | None, out: Path) -> Path:
+def quality_speed_figure(solutions: SearchResult, baselines: dict[str, SolutionRecord | str], results: dict | None,
+                         out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,15 +77,15 @@ def quality_speed_figure(solutions: dict, baselines: dict, results: dict | None,
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4))
     axes = axes if ncols > 1 else [axes]
     ax = axes[0]
-    xs = [s["predicted_speedup"] for s in solutions["solutions"]]
-    ys = [s["damage"] for s in solutions["solutions"]]
+    xs = [s.predicted_speedup for s in solutions.solutions]
+    ys = [s.damage for s in solutions.solutions]
     ax.scatter(xs, ys, label="MIP solutions", color=COLORS["gqa"])
     for name, b in baselines.items():
-        if "infeasible" not in b:
-            ax.scatter([b["predicted_speedup"]], [b["damage"]], marker="s", label=f"{name} baseline")
+        if not isinstance(b, str):  # a string: why the baseline cannot reach the target
+            ax.scatter([b.predicted_speedup], [b.damage], marker="s", label=f"{name} baseline")
     ax.scatter([1.0], [0.0], marker="*", s=150, color="black", label="parent")
     ax.set_xlabel("predicted speed-up")
-    ax.set_ylabel(f"summed replace-1-block {solutions['metric']}")
+    ax.set_ylabel(f"summed replace-1-block {solutions.metric}")
     ax.set_title("search: predicted")
     ax.legend(fontsize=8)
     if results:
@@ -90,17 +103,17 @@ def quality_speed_figure(solutions: dict, baselines: dict, results: dict | None,
     return out
 
 
-def selection_section(selection: dict) -> list[str]:
+def selection_section(selection: Selection) -> list[str]:
     """Markdown lines: every candidate's predicted score and measured KL, and which was chosen."""
     from ..realize.selection import format_selection
 
-    src = selection["sources"]
+    src = selection.sources
     used = [f"{name}: {s['what']}" + (" (also used by eval)" if s.get("overlaps_eval") else "")
             for name, s in src.items() if "unavailable" not in s]
     lines = ["## Selection among the diverse solutions", "",
-             f"Solution {selection['chosen']} chosen: {selection['reason']}.", ""]
+             f"Solution {selection.chosen} chosen: {selection.reason}.", ""]
     lines += [f"- {u}" for u in used]
-    if selection.get("domain_only"):
+    if selection.domain_only:
         lines.append(f"- WikiText-2 not used ({src['wikitext2']['unavailable']}): chosen on domain text only")
     return lines + ["", format_selection(selection), ""]
 
@@ -116,11 +129,12 @@ def write_report(workdir: str | Path) -> Path:
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load((workdir / "config.yaml").read_text()) if (workdir / "config.yaml").is_file() else {}
-    solutions = _load(workdir / "search" / "solutions.json")
+    solutions = read_solutions(workdir) if (workdir / SOLUTIONS).is_file() else None
     results = _load(workdir / "eval" / "results.json")
-    baselines = {p.parent.name: _load(p) for p in sorted((workdir / "baselines").glob("*/solution.json"))}
+    baselines = {name: read_baseline(workdir, name) for name in sorted(BASELINES)
+                 if (workdir / baseline_file(name)).is_file()}
     stages = {p.stem: _load(p) for p in sorted((workdir / "stages").glob("*.json"))}
-    selection = _load(workdir / "search" / "selection.json")
+    selection = read_selection(workdir) if (workdir / SELECTION).is_file() else None
     # written by `puzzlenas sweep`; sweep.json last, so its presence means the table is complete
     sweep = (out / "sweep.md").read_text() if (out / "sweep.json").is_file() and (out / "sweep.md").is_file() else None
     md = ["# puzzlenas run report", ""]
@@ -128,34 +142,34 @@ def write_report(workdir: str | Path) -> Path:
            f"- parent: `{cfg.get('parent')}`; work directory: `{workdir}`",
            f"- machine: {platform.machine()}, {platform.system()} {platform.release()}, Python {platform.python_version()}"]
     if solutions:
-        label = " (estimated)" if solutions.get("estimated") else " (measured)"
-        md.append(f"- cost profile: {solutions['device']}{label}; scoring metric: {solutions['metric']}")
-        md.append("- budgets: " + ", ".join(f"{k} <= {v:.4g}" for k, v in solutions["budgets"].items()))
+        label = " (estimated)" if solutions.estimated else " (measured)"
+        md.append(f"- cost profile: {solutions.device}{label}; scoring metric: {solutions.metric}")
+        md.append("- budgets: " + ", ".join(f"{k} <= {v:.4g}" for k, v in solutions.budgets.items()))
     md += ["", "<details><summary>resolved config.yaml</summary>", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(),
            "```", "</details>", ""]
     images = []
-    if solutions and solutions["solutions"]:
+    if solutions and solutions.solutions:
         k = cfg.get("gkd", {}).get("solution", 0)
         if selection and (k == "auto" or not isinstance(k, int)):
-            k = selection["chosen"]  # gkd.solution: auto, resolved by the realize stage
-        chosen = solutions["solutions"][min(int(k) if isinstance(k, int) else 0, len(solutions["solutions"]) - 1)]
-        images.append(architecture_figure(chosen, out / "architecture.png", f"chosen child: solution {chosen['rank']}"))
-        md += ["## Chosen child", "", f"Solution {chosen['rank']}: predicted speed-up {chosen['predicted_speedup']:.2f}x, "
-               f"{chosen['params'] / 1e6:.1f} M parameters, summed {solutions['metric']} {chosen['damage']:.4f}.", "",
+            k = selection.chosen  # gkd.solution: auto, resolved by the realize stage
+        chosen = solutions.solutions[min(int(k) if isinstance(k, int) else 0, len(solutions.solutions) - 1)]
+        images.append(architecture_figure(chosen, out / "architecture.png", f"chosen child: solution {chosen.rank}"))
+        md += ["## Chosen child", "", f"Solution {chosen.rank}: predicted speed-up {chosen.predicted_speedup:.2f}x, "
+               f"{chosen.params / 1e6:.1f} M parameters, summed {solutions.metric} {chosen.damage:.4f}.", "",
                "![architecture](architecture.png)", ""]
         if selection:
             md += selection_section(selection)
         images.append(quality_speed_figure(solutions, baselines, results, out / "quality_vs_speed.png"))
         md += ["## Quality vs speed", "", "![quality vs speed](quality_vs_speed.png)", "",
                "| candidate | predicted speed-up | summed damage | params (M) |", "|---|---|---|---|"]
-        for s in solutions["solutions"]:
-            md.append(f"| solution {s['rank']} | {s['predicted_speedup']:.2f}x | {s['damage']:.4f} | {s['params'] / 1e6:.1f} |")
+        for s in solutions.solutions:
+            md.append(f"| solution {s.rank} | {s.predicted_speedup:.2f}x | {s.damage:.4f} | {s.params / 1e6:.1f} |")
         for name, b in baselines.items():
-            if "infeasible" in b:
-                md.append(f"| {name} baseline | not reachable: {b['infeasible']} | | |")
+            if isinstance(b, str):
+                md.append(f"| {name} baseline | not reachable: {b} | | |")
                 continue
-            md.append(f"| {name} baseline ({b.get('description', '')}) | {b['predicted_speedup']:.2f}x | "
-                      f"{b['damage']:.4f} | {b['params'] / 1e6:.1f} |")
+            md.append(f"| {name} baseline ({b.description or ''}) | {b.predicted_speedup:.2f}x | "
+                      f"{b.damage:.4f} | {b.params / 1e6:.1f} |")
         md.append("")
     if results:
         from ..eval import format_results
@@ -163,9 +177,9 @@ def write_report(workdir: str | Path) -> Path:
         md += ["## Evaluation", "", format_results(results),
                f"## Predicted vs measured speed (in {results.get('engine', 'torch')})", "",
                "| model | predicted | measured |", "|---|---|---|"]
-        predicted = {"child": chosen["predicted_speedup"] if solutions and solutions["solutions"] else None}
+        predicted = {"child": chosen.predicted_speedup if solutions and solutions.solutions else None}
         for name, b in baselines.items():
-            predicted[f"{name} baseline"] = b.get("predicted_speedup")
+            predicted[f"{name} baseline"] = None if isinstance(b, str) else b.predicted_speedup
         for name, r in results["models"].items():
             if name in predicted and predicted[name] is not None:
                 md.append(f"| {name} | {predicted[name]:.2f}x | {r['speed']['total_speedup']:.2f}x |")

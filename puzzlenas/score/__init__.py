@@ -9,7 +9,8 @@ The hidden state entering layer i is the parent's for every alternative of layer
 computed once per batch and only layers i..N run per alternative. Parent alternatives score 0 by
 definition and are not run.
 
-Output: scores/replace1.json = {library fingerprint, metric settings, per-alternative metrics}.
+Output: scores/replace1.json = {library fingerprint, metric settings, per-alternative metrics}, a
+workdir.ScoreSet.
 
 Under torchrun `score.parallel` deals the alternatives over the ranks, or splits the parent's
 layers over them (pipeline.py); the scores are the same.
@@ -17,6 +18,7 @@ layers over them (pipeline.py); the scores are the same.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -29,7 +31,8 @@ from ..library.init import trace_parent
 from ..library.space import Alternative, enumerate_pairs, target_alternatives
 from ..library.store import Library
 from ..training import barrier, rank_world
-from ..utils import atomic_write_json, fingerprint
+from ..utils import fingerprint
+from ..workdir import SCORES, ScoreSet, read_scores, write_scores
 from .pipeline import gather_scores, place_parent, score_split
 from .replace import compare_logits, leave_layer, load_blocks, run_tail, to_run
 
@@ -107,10 +110,10 @@ def library_fingerprint(library: Library) -> str:
     return fingerprint(library.parent_fingerprint, library.data_fingerprint, records)
 
 
-def run(cfg, workdir: str | Path, parent, data, library: Library, progress: bool = True) -> dict:
+def run(cfg, workdir: str | Path, parent, data, library: Library, progress: bool = True) -> ScoreSet:
     """Score every alternative of the search space; cached in scores/replace1.json."""
     workdir = Path(workdir)
-    out_file = workdir / "scores" / "replace1.json"
+    out_file = workdir / SCORES
     alternatives = [*target_alternatives(cfg, parent.config),
                     *enumerate_pairs(cfg.bld.coupled, cfg.search_space, parent.config)]
     missing = [a.name for a in alternatives if not library.is_done(a)]
@@ -119,11 +122,10 @@ def run(cfg, workdir: str | Path, parent, data, library: Library, progress: bool
     ids = data.val[: cfg.score.sequences]
     key = fingerprint(library_fingerprint(library), data.fingerprint, cfg.score.sequences, ids.shape)
     if out_file.is_file():
-        import json
-
-        cached = json.loads(out_file.read_text())
-        if cached.get("fingerprint") == key and set(cached["scores"]) >= {a.name for a in alternatives}:
-            return cached
+        with contextlib.suppress(PuzzleError):  # an unreadable file is scored again
+            cached = read_scores(workdir)
+            if cached.fingerprint == key and set(cached.scores) >= {a.name for a in alternatives}:
+                return cached
     rank, world = rank_world()
     pipeline = place_parent(cfg, parent)  # torchrun: onto this rank's device, with score.parallel=layers split
     if pipeline is not None:
@@ -134,20 +136,15 @@ def run(cfg, workdir: str | Path, parent, data, library: Library, progress: bool
         mine = score_alternatives(parent, library, alternatives[rank::world], ids.to(device), cfg.score.batch_size,
                                   progress and rank == 0)
         scores = gather_scores(mine, alternatives)
-    result = {
-        "fingerprint": key,
-        "parent_fingerprint": library.parent_fingerprint,
-        "tokens": int(ids[:, 1:].numel()),
-        "scores": scores,
-    }
+    result = ScoreSet(key, library.parent_fingerprint, int(ids[:, 1:].numel()), scores)
     if rank == 0:
-        atomic_write_json(out_file, result)
+        write_scores(workdir, result)
     barrier()
     return result
 
 
-def format_scores(result: dict, metric: str = "kl", top: int | None = None) -> str:
-    rows = sorted(result["scores"].items())
+def format_scores(result: ScoreSet, metric: str = "kl", top: int | None = None) -> str:
+    rows = sorted(result.scores.items())
     lines = [f"{'alternative':<28} {'kl':>9} {'dLM loss':>9} {'agree':>7}"]
     for name, m in rows[:top]:
         lines.append(f"{name:<28} {m['kl']:>9.4f} {m['lm_loss_delta']:>9.4f} {m['agreement']:>7.3f}")

@@ -15,7 +15,7 @@ from ..costs.profile import alternative_time, decode_steps, scenario_time
 from ..errors import PuzzleError
 from ..library.space import Alternative, pair_name
 from ..score import damage
-from ..utils import atomic_write_json
+from ..workdir import CostProfile, ScoreSet, SearchResult, SolutionRecord, write_solutions
 from .mip import Infeasible, Problem, Solution, evaluate, solve
 
 __all__ = ["Infeasible", "Problem", "Solution", "build_problem", "run", "solve", "parse_size", "parse_factor"]
@@ -28,7 +28,7 @@ def layer_alternatives(names: list[str]) -> dict[int, dict[str, list[Alternative
     return out
 
 
-def build_problem(scores: dict, profile: dict, metric: str, alternatives: list[str], engine=None) -> tuple[Problem, dict]:
+def build_problem(scores: dict, profile: CostProfile, metric: str, alternatives: list[str], engine=None) -> tuple[Problem, dict]:
     """MIP data from replace-1-block scores and a cost profile; also the parent's resources. With an
     `engine`, (attention, FFN) pairs it cannot serve in one layer are left out."""
     by_layer = layer_alternatives(alternatives)
@@ -42,26 +42,26 @@ def build_problem(scores: dict, profile: dict, metric: str, alternatives: list[s
         # a coupled pair (trained together) has its own measured damage; others add up their halves
         dmg.append([damage(scores[pair_name(a, f)], metric) if pair_name(a, f) in scores
                     else damage(scores[a.name], metric) + damage(scores[f.name], metric) for a, f in pairs])
-        prof = profile["alternatives"]
+        prof = profile.alternatives
         costs["time"].append([alternative_time(profile, a.name) + alternative_time(profile, f.name) for a, f in pairs])
-        costs["latency"].append([prof[a.name]["decode_s"] + prof[f.name]["decode_s"] for a, f in pairs])
-        costs["memory"].append([prof[x.name]["weight_bytes"] + prof[x.name]["kv_bytes"] + prof[y.name]["weight_bytes"]
-                                + prof[y.name]["kv_bytes"] for x, y in pairs])
-        costs["params"].append([prof[a.name]["params"] + prof[f.name]["params"] for a, f in pairs])
-    shared = profile["shared"]
+        costs["latency"].append([prof[a.name].decode_s + prof[f.name].decode_s for a, f in pairs])
+        costs["memory"].append([prof[x.name].weight_bytes + prof[x.name].kv_bytes + prof[y.name].weight_bytes
+                                + prof[y.name].kv_bytes for x, y in pairs])
+        costs["params"].append([prof[a.name].params + prof[f.name].params for a, f in pairs])
+    shared = profile.shared
     g = decode_steps(profile)
-    fixed = {"time": shared["prefill_s"] + g * shared["decode_s"], "latency": shared["decode_s"],
-             "memory": shared["weight_bytes"], "params": shared["params"]}
+    fixed = {"time": shared.prefill_s + g * shared.decode_s, "latency": shared.decode_s,
+             "memory": shared.weight_bytes, "params": shared.params}
     problem = Problem(options, dmg, costs, fixed)
     parent_choice = [_parent_index(opts, profile) for opts in options]
     _, parent_resources = evaluate(problem, parent_choice)
     return problem, parent_resources
 
 
-def _parent_index(opts: list[tuple[str, str]], profile: dict) -> int:
+def _parent_index(opts: list[tuple[str, str]], profile: CostProfile) -> int:
     # the parent's pair is the one with the most parameters (full KV heads, full FFN)
-    return max(range(len(opts)), key=lambda p: profile["alternatives"][opts[p][0]]["params"]
-               + profile["alternatives"][opts[p][1]]["params"])
+    return max(range(len(opts)), key=lambda p: profile.alternatives[opts[p][0]].params
+               + profile.alternatives[opts[p][1]].params)
 
 
 def budgets_from_config(search_cfg, parent_resources: dict) -> dict[str, float]:
@@ -92,51 +92,38 @@ def _describe(parent_resources):
     return describe
 
 
-def run(cfg, workdir: str | Path, scores: dict, profile: dict, alternatives: list[str]) -> dict:
+def run(cfg, workdir: str | Path, scores: ScoreSet, profile: CostProfile, alternatives: list[str]) -> SearchResult:
     from ..engines import get_engine
 
-    problem, parent_resources = build_problem(scores["scores"], profile, cfg.score.metric, alternatives,
+    problem, parent_resources = build_problem(scores.scores, profile, cfg.score.metric, alternatives,
                                               get_engine(cfg.target.engine))
     problem.budgets = budgets_from_config(cfg.search, parent_resources)
     found = solve(problem, cfg.search.solutions, cfg.search.diversity, cfg.search.time_limit_s,
                   describe=_describe(parent_resources), mip_gap=cfg.search.mip_gap)
-    out = {
-        "device": profile["device"],
-        "estimated": profile.get("estimated", False),
-        "metric": cfg.score.metric,
-        "budgets": problem.budgets,
-        "parent": parent_resources,
-        "solutions": [],
-    }
-    for rank, sol in enumerate(found):
-        names = [n for pair in sol.pairs for n in pair]
-        t = scenario_time(profile, names)
-        out["solutions"].append({
-            "rank": rank,
-            "status": sol.status,
-            "damage": sol.objective,
-            "predicted_speedup": parent_resources["time"] / sol.resources["time"],
-            "predicted": t,
-            "memory_bytes": sol.resources["memory"],
-            "params": sol.resources["params"],
-            "solve_seconds": sol.solve_seconds,
-            "layers": [{"attention": a, "ffn": f} for a, f in sol.pairs],
-        })
-    atomic_write_json(Path(workdir) / "search" / "solutions.json", out)
+    out = SearchResult(profile.device, profile.estimated, cfg.score.metric, problem.budgets, parent_resources,
+                       tuple(solution_record(rank, sol, profile, parent_resources) for rank, sol in enumerate(found)))
+    write_solutions(workdir, out)
     return out
 
 
-def format_solutions(result: dict) -> str:
-    label = " (estimated)" if result.get("estimated") else ""
-    lines = [f"device: {result['device']}{label}   metric: {result['metric']}   "
-             f"parent: {result['parent']['params'] / 1e6:.1f} M params, {result['parent']['memory'] / 2**20:.1f} MiB"]
-    for s in result["solutions"]:
+def solution_record(rank: int, sol: Solution, profile: CostProfile, parent_resources: dict) -> SolutionRecord:
+    """A solver's solution as search/solutions.json holds it, with its predicted scenario times."""
+    return SolutionRecord(rank, sol.objective, parent_resources["time"] / sol.resources["time"],
+                          scenario_time(profile, [n for pair in sol.pairs for n in pair]), sol.resources["memory"],
+                          sol.resources["params"], tuple(sol.pairs), status=sol.status, solve_seconds=sol.solve_seconds)
+
+
+def format_solutions(result: SearchResult) -> str:
+    label = " (estimated)" if result.estimated else ""
+    lines = [f"device: {result.device}{label}   metric: {result.metric}   "
+             f"parent: {result.parent['params'] / 1e6:.1f} M params, {result.parent['memory'] / 2**20:.1f} MiB"]
+    for s in result.solutions:
         lines.append("")
-        lines.append(f"solution {s['rank']}: predicted speed-up {s['predicted_speedup']:.2f}x{label}, "
-                     f"memory {s['memory_bytes'] / 2**20:.1f} MiB, params {s['params'] / 1e6:.1f} M, "
-                     f"summed {result['metric']} {s['damage']:.4f}, solved in {s['solve_seconds']:.2f} s")
+        lines.append(f"solution {s.rank}: predicted speed-up {s.predicted_speedup:.2f}x{label}, "
+                     f"memory {s.memory_bytes / 2**20:.1f} MiB, params {s.params / 1e6:.1f} M, "
+                     f"summed {result.metric} {s.damage:.4f}, solved in {s.solve_seconds:.2f} s")
         lines.append(f"  {'layer':>5}  {'attention':<12} {'ffn':<12}")
-        for i, layer in enumerate(s["layers"]):
-            attention, ffn = (Alternative.from_name(layer[sub]).short for sub in ("attention", "ffn"))
+        for i, layer in enumerate(s.layers):
+            attention, ffn = (Alternative.from_name(name).short for name in layer)
             lines.append(f"  {i:>5}  {attention:<12} {ffn:<12}")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ Both see only what the MIP sees (build_problem: pairs the engine cannot serve ar
 out), meet the same budgets (throughput, memory, latency, params) and return a mip.Solution.
 
     from puzzlenas.search.heuristics import run
-    result = run(cfg, scores, profile, alternatives, "greedy")   # same shape as search/solutions.json
+    result = run(cfg, scores, profile, alternatives, "greedy")   # a SearchResult, as search.run returns
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import random as _random
 import time
 
-from ..costs.profile import scenario_time
+from ..workdir import CostProfile, ScoreSet, SearchResult
 from .mip import Infeasible, Problem, Solution, evaluate
 
 METHODS = ("greedy", "random")
@@ -102,19 +102,19 @@ def random_search(problem: Problem, start_choice: list[int], seed: int = 0) -> S
             raise _infeasible(problem, "random", excess)
 
 
-def run(cfg, scores: dict, profile: dict, alternatives: list[str], method: str, seed: int | None = None,
-        metric: str | None = None) -> dict:
-    """One heuristic solution in the shape of search/solutions.json (one entry in "solutions"), for
+def run(cfg, scores: ScoreSet, profile: CostProfile, alternatives: list[str], method: str, seed: int | None = None,
+        metric: str | None = None) -> SearchResult:
+    """One heuristic solution as a search result (search/solutions.json's shape, one solution), for
     the same inputs as search.run: replace-1-block scores, a cost profile, the alternatives, and the
     budgets of cfg.search. `metric` overrides cfg.score.metric (the scores hold every metric)."""
     from ..engines import get_engine
     from ..errors import PuzzleError
-    from . import _describe, _parent_index, budgets_from_config, build_problem
+    from . import _describe, _parent_index, budgets_from_config, build_problem, solution_record
 
     if method not in METHODS:
         raise PuzzleError(f"unknown heuristic search {method!r} (known: {', '.join(METHODS)})")
     metric = metric or cfg.score.metric
-    problem, parent_resources = build_problem(scores["scores"], profile, metric, alternatives,
+    problem, parent_resources = build_problem(scores.scores, profile, metric, alternatives,
                                               get_engine(cfg.target.engine))
     problem.budgets = budgets_from_config(cfg.search, parent_resources)
     start = [_parent_index(opts, profile) for opts in problem.options]
@@ -124,23 +124,5 @@ def run(cfg, scores: dict, profile: dict, alternatives: list[str], method: str, 
         describe = _describe(parent_resources)
         budgets = ", ".join(describe(k, v) for k, v in problem.budgets.items())
         raise Infeasible(f"{exc} (budgets: {budgets})") from None
-    names = [n for pair in sol.pairs for n in pair]
-    return {
-        "device": profile["device"],
-        "estimated": profile.get("estimated", False),
-        "metric": metric,
-        "method": method,
-        "budgets": problem.budgets,
-        "parent": parent_resources,
-        "solutions": [{
-            "rank": 0,
-            "status": sol.status,
-            "damage": sol.objective,
-            "predicted_speedup": parent_resources["time"] / sol.resources["time"],
-            "predicted": scenario_time(profile, names),
-            "memory_bytes": sol.resources["memory"],
-            "params": sol.resources["params"],
-            "solve_seconds": sol.solve_seconds,
-            "layers": [{"attention": a, "ffn": f} for a, f in sol.pairs],
-        }],
-    }
+    return SearchResult(profile.device, profile.estimated, metric, problem.budgets, parent_resources,
+                        (solution_record(0, sol, profile, parent_resources),), method=method)

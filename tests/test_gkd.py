@@ -1,0 +1,53 @@
+"""Global distillation (GKD): the pruned child heals, and a killed run resumes to the same weights.
+
+    pytest tests/test_gkd.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import GKD_CFG, kill_at_step, make_tiny_parent, max_weight_diff, prepare_gkd_workdir, start_cli
+
+from puzzlenas import gkd
+from puzzlenas.checkpoint.io import load_checkpoint
+
+
+@pytest.fixture
+def gkd_workdir(tmp_path):
+    make_tiny_parent("llama").save_pretrained(tmp_path / "parent")
+    raw = {"parent": str(tmp_path / "parent"), **GKD_CFG}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path, raw
+
+
+def test_gkd_lowers_validation_kl(gkd_workdir):
+    tmp, raw = gkd_workdir
+    cfg, parent, data = prepare_gkd_workdir(tmp / "w", raw)
+    out = gkd.run(cfg, tmp / "w", parent, data, progress=False)
+    done = json.loads((tmp / "w" / "gkd" / "done.json").read_text())
+    assert done["val_kl_after"] < 0.7 * done["val_kl_before"], done
+    child = load_checkpoint(out)
+    assert [b.attention.kind for b in child.config.block_configs] == ["gqa", "no_op", "gqa"]
+    log = [json.loads(x) for x in (tmp / "w" / "gkd" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 64 and "val_kl" in log[-1]
+
+
+def test_gkd_resume_after_sigkill(gkd_workdir):
+    tmp, raw = gkd_workdir
+    for name in ("ref", "killed"):
+        prepare_gkd_workdir(tmp / name, raw)
+    opts = ["--set", "gkd.tokens=32768", "--quiet"]
+    ref = start_cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "ref"), *opts])
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+    state = tmp / "killed" / "gkd" / "state.pt"
+    killed_at = kill_at_step(start_cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "killed"), *opts]), state, 20)
+    assert killed_at is not None and killed_at < 256
+    assert not (tmp / "killed" / "child").exists()
+    resumed = start_cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "killed"), *opts])
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    assert "resuming GKD from step" in out
+    assert max_weight_diff(tmp / "ref" / "child", tmp / "killed" / "child") < 1e-5
