@@ -181,6 +181,9 @@ class SearchConfig(Section):
     diversity: float = Field(0.2, ge=0, le=1)
     time_limit_s: float = Field(60.0, gt=0)
     mip_gap: float = Field(1e-3, ge=0, lt=1)  # relative optimality tolerance of every solve (HiGHS's definition)
+    # interaction-corrected search (search/refine.py): rounds of re-scoring every alternative inside the
+    # current best child and solving again; 0: the additive replace-1-block sum alone
+    refine_rounds: int = Field(0, ge=0)
 
     @field_validator("throughput", mode="before")
     @classmethod

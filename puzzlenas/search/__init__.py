@@ -92,7 +92,9 @@ def _describe(parent_resources):
     return describe
 
 
-def run(cfg, workdir: str | Path, scores: dict, profile: dict, alternatives: list[str]) -> dict:
+def run(cfg, workdir: str | Path, scores: dict, profile: dict, alternatives: list[str], refine=None) -> dict:
+    """`refine(problem, solutions, describe) -> solutions`: an optional correction of the additive
+    solutions (search.refine_rounds > 0: refine.make_hook, which needs the parent and library)."""
     from ..engines import get_engine
 
     problem, parent_resources = build_problem(scores["scores"], profile, cfg.score.metric, alternatives,
@@ -100,6 +102,8 @@ def run(cfg, workdir: str | Path, scores: dict, profile: dict, alternatives: lis
     problem.budgets = budgets_from_config(cfg.search, parent_resources)
     found = solve(problem, cfg.search.solutions, cfg.search.diversity, cfg.search.time_limit_s,
                   describe=_describe(parent_resources), mip_gap=cfg.search.mip_gap)
+    if refine is not None:
+        found = refine(problem, found, _describe(parent_resources))
     out = {
         "device": profile["device"],
         "estimated": profile.get("estimated", False),
