@@ -1,6 +1,6 @@
 """Does correcting the additive estimate find better children? Additive vs refined search, same target.
 
-    python benchmarks/score_interactions.py --workdir W [--targets 1.5,2] [--rounds 3] [--set k=v ...]
+    python benchmarks/score_interactions.py --workdir W [--targets 1.5,2] [--rounds 3] [--max-changes K] [--set k=v ...]
 
 W is a work directory whose data, bld, score and costs stages have finished (e.g. one of
 `puzzlenas run --preset quick`); its config.yaml is the configuration used. Per target:
@@ -13,7 +13,7 @@ each child is assembled from the library (no GKD) and measured against the paren
   KL held-out        on data.val[score.sequences:], text neither scoring nor refinement saw
   KL WikiText-2      on sequences from the end of the WikiText-2 raw test file
   WikiText-2 ppl     eval.ppl_context / eval.ppl_max_tokens, from the start of that file
-Searches go to W/interactions/<target>/{additive,refined}/search/; the table to W/interactions.md.
+Searches go to W/interactions/<target>/{additive,refined}/search/; the table to W/interactions-<targets>.md.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--targets", default="1.5,2", help="throughput targets, e.g. 1.5,2")
     ap.add_argument("--rounds", type=int, default=3, help="search.refine_rounds of the refined search")
+    ap.add_argument("--max-changes", type=int, default=None, help="search.refine_max_changes: layers a round may change")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> str:
             c = cfg.model_copy(deep=True)
             c.search.throughput, c.search.solutions = target, 1
             c.search.refine_rounds = args.rounds if kind == "refined" else 0
-            out = work / "interactions" / f"{target:g}x" / kind
+            c.search.refine_max_changes = args.max_changes
+            out = work / "interactions" / f"{target:g}x" / (kind + (f"-k{args.max_changes}" if args.max_changes and
+                                                                   kind == "refined" else ""))
             t0 = time.perf_counter()
             hook = make_hook(c, out, ctx.parent, ctx.data, library, progress=not args.quiet) if kind == "refined" else None
             sol = search.run(c, out, scores, profile, alternatives, hook)["solutions"][0]
@@ -101,10 +104,13 @@ def main(argv: list[str] | None = None) -> str:
     head = (f"workdir {work}, score.sequences={n} x {val.shape[1]} tokens, held-out {len(val) - n} x {val.shape[1]}, "
             f"WikiText-2 KL on {len(seqs.get('wikitext2', []))} x {val.shape[1]} "
             f"({sources['wikitext2'].get('what', sources['wikitext2'].get('unavailable'))}), "
-            f"ppl on {cfg.eval.ppl_max_tokens} tokens, context {cfg.eval.ppl_context}; refined: up to {args.rounds} rounds")
+            f"ppl on {cfg.eval.ppl_max_tokens} tokens, context {cfg.eval.ppl_context}; refined: up to {args.rounds} rounds"
+            + (f", at most {args.max_changes} layers changed per round" if args.max_changes else ""))
     text = head + "\n\n" + table
-    atomic_write_json(work / "interactions.json", {"parent_ppl": parent_ppl, "rows": rows, "sources": sources})
-    atomic_write_text(work / "interactions.md", text + "\n")
+    name = "interactions-" + "-".join(f"{t}x" for t in args.targets.split(",")) + (
+        f"-k{args.max_changes}" if args.max_changes else "")
+    atomic_write_json(work / f"{name}.json", {"parent_ppl": parent_ppl, "rows": rows, "sources": sources})
+    atomic_write_text(work / f"{name}.md", text + "\n")
     print(text)
     return text
 

@@ -46,7 +46,7 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _mix_needs_a_corpus(self):
         if self.generated_fraction is not None and self.path is None:
-            raise ValueError(f"generated_fraction={self.generated_fraction} mixes the parent's text with a corpus, but "
+            raise ValueError(f"data.generated_fraction={self.generated_fraction} mixes the parent's text with a corpus, but "
                              "data.path is not set (without a path all the text is generated); set data.path or remove it")
         return self
 
@@ -195,6 +195,8 @@ class SearchConfig(Section):
     # interaction-corrected search (search/refine.py): rounds of re-scoring every alternative inside the
     # current best child and solving again; 0: the additive replace-1-block sum alone
     refine_rounds: int = Field(0, ge=0)
+    # a trust region for each round: at most this many layers differ from the child it re-scored in (None: any)
+    refine_max_changes: int | None = Field(None, ge=1)
 
     @field_validator("throughput", mode="before")
     @classmethod

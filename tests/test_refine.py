@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -104,6 +105,17 @@ def test_refined_rounds_keep_the_budget_and_record_what_the_solver_minimized(tin
         child = assemble_child(parent, [(Alternative.from_name(a), Alternative.from_name(f)) for a, f in final.pairs])
         measured, _ = score_inside(parent, child, None, [], [], ids, progress=False)
         assert final.objective == pytest.approx(measured["kl"], rel=1e-5)
+
+
+def test_a_trust_region_limits_the_layers_a_round_changes(tiny_problem):
+    *_, problem, rescore = tiny_problem
+    problem = dataclasses.replace(problem, budgets={"params": problem.budgets["params"] * 0.75})
+    plain = solve(problem, 1)
+    found, record = refine(problem, plain, rescore, 3, "kl", 1, 0.3, max_changes=1)
+    assert record["max_changes"] == 1
+    for r in record["rounds"][1:]:
+        assert len(r["changed_layers"]) <= 1
+    assert _fits(problem, found[0].choice)  # the trust region adds a budget, it drops none
 
 
 def test_refine_through_the_pipeline_on_trained_blocks(tiny_run, tmp_path):

@@ -151,22 +151,35 @@ def refined_problem(problem: Problem, child: list[tuple[str, str]], base: dict, 
     return dataclasses.replace(problem, damage=out)
 
 
+def trust_region(problem: Problem, child: list[tuple[str, str]], max_changes: int) -> Problem:
+    """`problem` with one more budget: at most `max_changes` layers may differ from `child` (a
+    resource costing 1 for every pair but the child's own, so the MIP states it as any budget)."""
+    changes = [[0.0 if option == child[layer] else 1.0 for option in options] for layer, options in enumerate(problem.options)]
+    return dataclasses.replace(problem, costs={**problem.costs, "changed_layers": changes},
+                               budgets={**problem.budgets, "changed_layers": float(max_changes)})
+
+
 def refine(problem: Problem, found: list[Solution], rescore: Callable, rounds: int, metric: str,
            solutions: int = 1, diversity: float = 0.2, time_limit: float = 60.0, describe=None,
-           mip_gap: float = 1e-3) -> tuple[list[Solution], dict]:
+           mip_gap: float = 1e-3, max_changes: int | None = None) -> tuple[list[Solution], dict]:
     """Up to `rounds` rounds of re-scoring inside the best child and solving again.
 
     `found`: the plain search's solutions (round 0); `rescore(pairs)` -> (base metrics, scores) for
-    the child with (attention, FFN) names `pairs`. Returns the last round's solutions (the plain ones
-    when rounds == 0) and a record of every round."""
-    record = {"metric": metric, "rounds": [{"round": 0, "scores": "replace-1-block in the parent (additive)",
-                                            "predicted": found[0].objective, "layers": _layers(found[0])}],
+    the child with (attention, FFN) names `pairs`. `max_changes`: a trust region, at most that many
+    layers differ from the child a round's scores were measured in (the prediction is first-order
+    around it). Returns the last round's solutions (the plain ones when rounds == 0) and a record of
+    every round."""
+    record = {"metric": metric, "max_changes": max_changes,
+              "rounds": [{"round": 0, "scores": "replace-1-block in the parent (additive)",
+                          "predicted": found[0].objective, "layers": _layers(found[0])}],
               "stopped": "no rounds asked" if rounds == 0 else f"after {rounds} rounds"}
     children = [found[0].pairs]
     for r in range(1, rounds + 1):
         t = time.perf_counter()
         base, scores = rescore(children[-1])
         p = refined_problem(problem, children[-1], base, scores, metric)
+        if max_changes is not None:
+            p = trust_region(p, children[-1], max_changes)
         found = solve(p, solutions, diversity, time_limit, describe=describe, mip_gap=mip_gap)
         best = found[0]
         changed = [layer for layer, (old, new) in enumerate(zip(children[-1], best.pairs)) if old != new]
@@ -214,7 +227,7 @@ def make_hook(cfg, workdir: str | Path, parent, data, library, progress: bool = 
     def hook(problem: Problem, found: list[Solution], describe) -> list[Solution]:
         s = cfg.search
         found, record = refine(problem, found, rescore, s.refine_rounds, cfg.score.metric, s.solutions, s.diversity,
-                               s.time_limit_s, describe, s.mip_gap)
+                               s.time_limit_s, describe, s.mip_gap, s.refine_max_changes)
         record["tokens"] = int(ids[:, 1:].numel())
         atomic_write_json(Path(workdir) / REFINE, record)
         return found
