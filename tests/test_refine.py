@@ -138,5 +138,9 @@ def test_refine_through_the_pipeline_on_trained_blocks(tiny_run, tmp_path):
     assert [x for x in result["solutions"][0]["layers"]] == record["rounds"][-1]["layers"]
     for s in result["solutions"]:
         assert s["predicted_speedup"] >= 1.2 - 1e-9
+    from puzzlenas.report import write_report
+
+    md = write_report(work).read_text()  # the report shows the rounds
+    assert "## Interaction-corrected search" in md and f"stopped: {record['stopped']}" in md
     plain = load_config(tiny_run, ["search.refine_rounds=0"])
     assert stage_fingerprints(plain, "x")["search"] != stage_fingerprints(cfg, "x")["search"]
