@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--targets", default="1.5,2", help="throughput targets, e.g. 1.5,2")
     ap.add_argument("--rounds", type=int, default=3, help="search.refine_rounds of the refined search")
-    ap.add_argument("--max-changes", type=int, default=None, help="search.refine_max_changes: layers a round may change")
+    ap.add_argument("--max-changes", type=int, default=None, help="search.refine_max_changes: layers a round may change (0: any; default: the config's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> str:
         seqs["wikitext2"] = wiki["wikitext2"]
     eval_text = resolve_eval_data(cfg.eval).wikitext_text()
 
+    # the trust region: --max-changes, else the config's search.refine_max_changes (0 / null: none)
+    k = cfg.search.refine_max_changes if args.max_changes is None else (args.max_changes or None)
     parent_ppl = measure(ctx.parent, ctx, cfg, {}, eval_text)["ppl"]
     rows = []
     for target in (parse_factor(t) for t in args.targets.split(",")):
@@ -81,9 +83,8 @@ def main(argv: list[str] | None = None) -> str:
             c = cfg.model_copy(deep=True)
             c.search.throughput, c.search.solutions = target, 1
             c.search.refine_rounds = args.rounds if kind == "refined" else 0
-            c.search.refine_max_changes = args.max_changes
-            out = work / "interactions" / f"{target:g}x" / (kind + (f"-k{args.max_changes}" if args.max_changes and
-                                                                   kind == "refined" else ""))
+            c.search.refine_max_changes = k
+            out = work / "interactions" / f"{target:g}x" / (kind if kind == "additive" else f"{kind}-k{k or 'any'}")
             t0 = time.perf_counter()
             hook = make_hook(c, out, ctx.parent, ctx.data, library, progress=not args.quiet) if kind == "refined" else None
             sol = search.run(c, out, scores, profile, alternatives, hook)["solutions"][0]
@@ -105,10 +106,9 @@ def main(argv: list[str] | None = None) -> str:
             f"WikiText-2 KL on {len(seqs.get('wikitext2', []))} x {val.shape[1]} "
             f"({sources['wikitext2'].get('what', sources['wikitext2'].get('unavailable'))}), "
             f"ppl on {cfg.eval.ppl_max_tokens} tokens, context {cfg.eval.ppl_context}; refined: up to {args.rounds} rounds"
-            + (f", at most {args.max_changes} layers changed per round" if args.max_changes else ""))
+            + (f", at most {k} layers changed per round" if k else ", any number of layers changed per round"))
     text = head + "\n\n" + table
-    name = "interactions-" + "-".join(f"{t}x" for t in args.targets.split(",")) + (
-        f"-k{args.max_changes}" if args.max_changes else "")
+    name = "interactions-" + "-".join(f"{t}x" for t in args.targets.split(",")) + f"-k{k or 'any'}"
     atomic_write_json(work / f"{name}.json", {"parent_ppl": parent_ppl, "rows": rows, "sources": sources})
     atomic_write_text(work / f"{name}.md", text + "\n")
     print(text)

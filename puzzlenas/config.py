@@ -195,8 +195,10 @@ class SearchConfig(Section):
     # interaction-corrected search (search/refine.py): rounds of re-scoring every alternative inside the
     # current best child and solving again; 0: the additive replace-1-block sum alone
     refine_rounds: int = Field(0, ge=0)
-    # a trust region for each round: at most this many layers differ from the child it re-scored in (None: any)
-    refine_max_changes: int | None = Field(None, ge=1)
+    # a trust region for each round: at most this many layers differ from the child it re-scored in (null: any).
+    # The prediction is first-order around that child: on SmolLM2 at 1.5x, unlimited rounds changed 26 of
+    # 30 layers, predicted KL 0.71 and measured 1.61; 4 per round measured better every round (README)
+    refine_max_changes: int | None = Field(4, ge=1)
 
     @field_validator("throughput", mode="before")
     @classmethod
