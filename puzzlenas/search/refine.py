@@ -37,9 +37,11 @@ from ..library.space import (
     Alternative,
     CoupledPair,
     build_unit,
+    enumerate_pairs,
     is_parent_alternative,
     pair_name,
     parent_subblock_state,
+    target_alternatives,
 )
 from ..score import compare_logits, damage
 from ..utils import atomic_write_json
@@ -207,17 +209,11 @@ def make_hook(cfg, workdir: str | Path, parent, data, library, progress: bool = 
     scoring sequences, the record written to search/refine.json."""
     from ..realize import assemble_child
 
-    ids = data.val[: cfg.score.sequences]
-    units = None
+    ids = data.val[: cfg.score.sequences]  # the score stage's text
+    units = [*target_alternatives(cfg, parent.config), *enumerate_pairs(cfg.bld.coupled, cfg.search_space, parent.config)]
 
     def rescore(pairs):
-        nonlocal units
         choices = [(Alternative.from_name(a), Alternative.from_name(f)) for a, f in pairs]
-        if units is None:
-            from ..library.space import enumerate_pairs, target_alternatives
-
-            units = [*target_alternatives(cfg, parent.config),
-                     *enumerate_pairs(cfg.bld.coupled, cfg.search_space, parent.config)]
         child = assemble_child(parent, choices, library)
         try:
             return score_inside(parent, child, library, choices, units, ids, cfg.score.batch_size, progress)
