@@ -69,7 +69,7 @@ def parent_config(workdir: Path):
     return load_config(workdir / "parent")
 
 
-def stage_search(cfg: PuzzleConfig, workdir: Path, device: str | None = None):
+def stage_search(cfg: PuzzleConfig, workdir: Path, device: str | None = None, refine=None):
     from . import search
     from .library.space import target_alternatives
     from .workdir import read_cost_profile, read_scores
@@ -80,7 +80,7 @@ def stage_search(cfg: PuzzleConfig, workdir: Path, device: str | None = None):
     missing = [a for a in alternatives if a not in scores.scores or a not in profile.alternatives]
     if missing:
         raise PuzzleError(f"scores or costs lack {len(missing)} alternatives (first: {missing[0]}); rerun score and costs")
-    return search.run(cfg, workdir, scores, profile, alternatives)
+    return search.run(cfg, workdir, scores, profile, alternatives, refine)
 
 
 def measure_solutions(cfg: PuzzleConfig, workdir: Path, repeats: int = 3) -> list[dict]:
@@ -219,7 +219,13 @@ def run_costs(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
 def run_search(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
     from .utils import pick_device
 
-    result = stage_search(cfg, workdir, _profile_name(cfg, pick_device()))
+    hook = None
+    if cfg.search.refine_rounds:  # interaction-corrected search re-scores inside children: it needs the models
+        from .search.refine import make_hook
+
+        c = context(cfg, workdir)
+        hook = make_hook(cfg, workdir, c.parent, c.data, open_library(workdir, c), progress)
+    result = stage_search(cfg, workdir, _profile_name(cfg, pick_device()), hook)
     return {"solutions": len(result.solutions)}
 
 

@@ -28,6 +28,8 @@ DATA_STAGES = PARENT_STAGES - {"measure"}
 def check_inputs(cfg, workdir: Path | str, stages: list[str], lm_eval: bool = True) -> None:
     """Raise PuzzleError (one line) for the first input of `stages` that cannot be reached."""
     stages = set(stages)
+    if "search" in stages and cfg.search.refine_rounds:
+        stages.add("score")  # refining re-scores inside children: the parent and data, as scoring
     if stages & PARENT_STAGES:
         _check_parent(cfg.parent)
     if stages & DATA_STAGES:

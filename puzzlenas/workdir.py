@@ -231,6 +231,7 @@ COSTS = "costs"  # costs: one CostProfile per device, cost_profile_file(name)
 SOLUTIONS = "search/solutions.json"  # search: SearchResult
 SELECTION = "search/selection.json"  # realize (gkd.solution: auto): Selection
 SELECTION_PARTIAL = "search/selection.partial.json"  # realize: the candidates measured so far
+REFINE = "search/refine.json"  # search with search.refine_rounds > 0: each round's re-scored child and prediction
 BASELINES = ("width", "depth")  # baselines: a SolutionRecord (or why not) each, baseline_file(name)
 
 

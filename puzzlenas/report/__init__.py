@@ -18,6 +18,7 @@ from ..library.space import Alternative
 from ..utils import atomic_write_text
 from ..workdir import (
     BASELINES,
+    REFINE,
     SELECTION,
     SOLUTIONS,
     SearchResult,
@@ -118,6 +119,20 @@ def selection_section(selection: Selection) -> list[str]:
     return lines + ["", format_selection(selection), ""]
 
 
+def refine_section(record: dict) -> list[str]:
+    """Markdown lines: the interaction-corrected search's rounds (search/refine.json)."""
+    m = record["metric"]
+    lines = ["## Interaction-corrected search", "",
+             f"Each round re-scored every alternative inside the previous round's child ({record.get('tokens', '?')} "
+             f"tokens of scoring text) and solved again; stopped: {record['stopped']}.", "",
+             f"| round | scores | base child's measured {m} | predicted {m} of the new child | layers changed |",
+             "|---|---|---|---|---|"]
+    for r in record["rounds"]:
+        base = f"{r['measured_base']:.4f}" if "measured_base" in r else ""
+        lines.append(f"| {r['round']} | {r['scores']} | {base} | {r['predicted']:.4f} | {len(r.get('changed_layers', []))} |")
+    return lines + [""]
+
+
 def sweep_section(sweep_md: str) -> list[str]:
     """Markdown lines: the Pareto sweep's table and plot, as `puzzlenas sweep` wrote them."""
     body = sweep_md.split("\n", 1)[1] if sweep_md.startswith("# ") else sweep_md  # its own title goes
@@ -157,6 +172,9 @@ def write_report(workdir: str | Path) -> Path:
         md += ["## Chosen child", "", f"Solution {chosen.rank}: predicted speed-up {chosen.predicted_speedup:.2f}x, "
                f"{chosen.params / 1e6:.1f} M parameters, summed {solutions.metric} {chosen.damage:.4f}.", "",
                "![architecture](architecture.png)", ""]
+        refined = _load(workdir / REFINE)
+        if refined and refined["rounds"][-1]["layers"] == solutions.solutions[0].layers_json():  # not a stale one
+            md += refine_section(refined)
         if selection:
             md += selection_section(selection)
         images.append(quality_speed_figure(solutions, baselines, results, out / "quality_vs_speed.png"))

@@ -92,7 +92,10 @@ def _describe(parent_resources):
     return describe
 
 
-def run(cfg, workdir: str | Path, scores: ScoreSet, profile: CostProfile, alternatives: list[str]) -> SearchResult:
+def run(cfg, workdir: str | Path, scores: ScoreSet, profile: CostProfile, alternatives: list[str],
+        refine=None) -> SearchResult:
+    """`refine(problem, solutions, describe) -> solutions`: an optional correction of the additive
+    solutions (search.refine_rounds > 0: refine.make_hook, which needs the parent and library)."""
     from ..engines import get_engine
 
     problem, parent_resources = build_problem(scores.scores, profile, cfg.score.metric, alternatives,
@@ -100,6 +103,8 @@ def run(cfg, workdir: str | Path, scores: ScoreSet, profile: CostProfile, altern
     problem.budgets = budgets_from_config(cfg.search, parent_resources)
     found = solve(problem, cfg.search.solutions, cfg.search.diversity, cfg.search.time_limit_s,
                   describe=_describe(parent_resources), mip_gap=cfg.search.mip_gap)
+    if refine is not None:
+        found = refine(problem, found, _describe(parent_resources))
     out = SearchResult(profile.device, profile.estimated, cfg.score.metric, problem.budgets, parent_resources,
                        tuple(solution_record(rank, sol, profile, parent_resources) for rank, sol in enumerate(found)))
     write_solutions(workdir, out)
