@@ -85,7 +85,7 @@ def test_more_devices_for_bld_when_the_weights_do_not_fit():
 
 
 def test_score_with_the_parents_layers_split_fits_where_the_whole_parent_does_not():
-    cfg = load_config(ROOT / "configs" / "llama3_70b_node.yaml")
+    cfg = load_config(ROOT / "configs" / "llama3_70b_node.yaml", ["score.parallel=alternatives"])
     arch = parent_arch(cfg.parent)
     whole = make_plan(cfg, arch, 8, 80 * GiB, "t")
     s = next(x for x in whole.stages if x.stage == "score")
