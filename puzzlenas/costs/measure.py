@@ -14,6 +14,8 @@ names no engine; a new engine plugs in through puzzlenas/engines/ alone:
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -26,7 +28,29 @@ from ..utils import fingerprint, median_time
 from ..workdir import CostProfile, cost_profile_file, load_artifact
 from .profile import BYTES, alternative_memory, alternative_params, profile_name, shared_memory
 
+log = logging.getLogger(__name__)
+
 STREAM_BYTES = 256 * 2**20  # more than any CPU's last-level cache
+# A 1-minute load average above this many times the CPU count means other jobs share the CPUs. This
+# process's own previous stage accounts for up to one per thread, hence not 1x. Measured here: a
+# llama.cpp profile taken at load 4-9 on 2 cores promised 1.50x for children that ran 1.30-1.34x,
+# and the same library profiled quietly promised 1.50x for 1.45-1.48x (README, the Pareto sweep).
+BUSY_LOAD = 1.5
+
+
+def machine_load(device: torch.device) -> dict | None:
+    """The 1-minute load average and the CPUs this process may use, when timing on a CPU."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"load_1min": round(os.getloadavg()[0], 2), "cpus": cpus}
+
+
+def warn_if_busy(load: dict | None, when: str) -> None:
+    if load and load["load_1min"] > BUSY_LOAD * load["cpus"]:
+        log.warning("costs: the machine was busy %s timing (load average %.1f on %d CPUs): other jobs distort "
+                    "the timings and so the speed-up the search promises; run `puzzlenas costs` again on a quiet "
+                    "machine (delete costs/ first)", when, load["load_1min"], load["cpus"])
 
 
 @torch.no_grad()
@@ -119,6 +143,8 @@ def measure_profile(cfg, workdir: Path, parent, alternatives, scenario: Scenario
             if cached.extra.get("fingerprint") == key:
                 return cached
     bpe = BYTES[dtype_name]
+    load_before = machine_load(device)
+    warn_if_busy(load_before, "before")
     if engine.profiles_by_variants:
         from .variants import measure_variants_profile
 
@@ -142,6 +168,10 @@ def measure_profile(cfg, workdir: Path, parent, alternatives, scenario: Scenario
             times[shape] = measure_alternative(parent.config, a, scenario, device, dtype, c.warmup, c.repeats)
         shared = measure_shared(parent, scenario, c.warmup, c.repeats, dtype)
         extra = {"engine": engine.name, "method": "sub-blocks in the PyTorch harness"}
+    load_after = machine_load(device)
+    warn_if_busy(load_after, "while")
+    if load_before:  # kept in the profile: whoever reads it later can tell a quiet profile from a loaded one
+        extra["machine_load"] = {"before": load_before, "after": load_after}
     return CostProfile.from_json({
         "device": name,
         "estimated": False,
