@@ -21,6 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -208,7 +209,11 @@ def run_costs(cfg: PuzzleConfig, workdir: Path, progress: bool = True) -> dict:
     from .checkpoint.parent import prepare_parent
     from .utils import pick_device
 
-    if _shared is not None:
+    if cfg.costs.device != "auto" and (workdir / "parent" / "config.json").is_file():
+        # a roofline preset estimates from the architecture alone: no weights loaded (a 70B parent
+        # fits no single device)
+        parent = SimpleNamespace(config=parent_config(workdir))
+    elif _shared is not None:
         parent = context(cfg, workdir).parent
     else:  # alone, costs needs only the parent, not the distillation data
         parent = prepare_parent(cfg.parent, workdir)[0].to(pick_device())

@@ -362,9 +362,10 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
     cb = _bytes_of(cfg.costs.dtype) if cfg.costs.dtype != "auto" else (2 if cuda else 4)
     kv = 2 * L * arch.kv_dim * (sc.prompt_len + sc.generate_len) * sc.batch_size * cb
     roofline = cfg.costs.device != "auto"  # a roofline preset estimates: nothing runs on the device
-    s = StagePlan("costs", "1 device, whole parent" + (f" (roofline {cfg.costs.device}: nothing timed)" if roofline else ""))
-    s.items.append(Item("weights", "parent", P * cb, f"{P / 1e9:.2f}B x {cb} B"))
+    s = StagePlan("costs", f"roofline {cfg.costs.device}: the architecture alone, nothing loaded or timed"
+                  " (`puzzlenas costs`)" if roofline else "1 device, whole parent")
     if not roofline:
+        s.items.append(Item("weights", "parent", P * cb, f"{P / 1e9:.2f}B x {cb} B"))
         s.items.append(Item("caches", "KV cache of the scenario", kv, f"2 x {L} x {arch.kv_dim} x ({sc.prompt_len}+"
                             f"{sc.generate_len}) tok x {sc.batch_size} seq x {cb} B"))
         s.items.append(Item("activations", "prefill logits", sc.batch_size * sc.prompt_len * V * 4,

@@ -116,7 +116,8 @@ def test_every_shipped_config_plans():
         cfg = load_config(path)
         plan = make_plan(cfg, parent_arch(cfg.parent), 8, 80 * GiB, "test")
         assert {s.stage for s in plan.stages} == {"data", "bld", "score", "costs", "gkd", "eval"}
-        assert all(s.total > 0 for s in plan.stages)
+        # every stage needs memory, but costs from a roofline preset (nothing loaded: the architecture alone)
+        assert all(s.total > 0 for s in plan.stages if not (s.stage == "costs" and cfg.costs.device != "auto"))
     tiny = config_from_dict({"parent": "smollm2"})
     assert make_plan(tiny, parent_arch("smollm2"), 1, 16 * GiB, "cpu", cuda=False).stages[0].total < 2 * GiB
 
