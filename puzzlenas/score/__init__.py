@@ -34,7 +34,7 @@ from ..training import barrier, rank_world
 from ..utils import fingerprint
 from ..workdir import SCORES, ScoreSet, read_scores, write_scores
 from .pipeline import gather_scores, place_parent, score_split
-from .replace import compare_logits, leave_layer, load_blocks, run_tail, to_run
+from .replace import compare_logits, leave_layer, load_blocks, mean_metrics, run_tail, to_run
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,7 @@ def summarize(alternatives: list[Alternative], totals: dict, parent_nll: float, 
     out = {}
     for a in alternatives:
         if a in totals:
-            t = totals[a]
-            lm_loss = t["nll"] / t["n"]
-            out[a.name] = {"kl": t["kl"] / t["n"], "lm_loss": lm_loss, "lm_loss_delta": lm_loss - parent_loss,
-                           "agreement": t["agree"] / t["n"]}
+            out[a.name] = mean_metrics(totals[a], parent_loss)
         else:
             out[a.name] = {"kl": 0.0, "lm_loss": parent_loss, "lm_loss_delta": 0.0, "agreement": 1.0}
     return out

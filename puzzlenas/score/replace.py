@@ -21,6 +21,13 @@ def compare_logits(parent_logp: torch.Tensor, child_logits: torch.Tensor, labels
     return {"kl": kl.sum().item(), "nll": nll.item(), "agree": agree.item(), "n": labels.numel()}
 
 
+def mean_metrics(sums: dict, parent_loss: float) -> dict:
+    """Per-token metrics from compare_logits's sums over all tokens; parent_loss: the parent's mean NLL."""
+    lm_loss = sums["nll"] / sums["n"]
+    return {"kl": sums["kl"] / sums["n"], "lm_loss": lm_loss, "lm_loss_delta": lm_loss - parent_loss,
+            "agreement": sums["agree"] / sums["n"]}
+
+
 def run_tail(parent, h: torch.Tensor, start_layer: int, pe) -> torch.Tensor:
     """Layers start_layer..N of the parent, then the final norm and LM head: (B, T, V) logits."""
     for layer in parent.model.layers[start_layer:]:
@@ -41,8 +48,9 @@ def load_blocks(parent, library: Library, alternatives) -> dict:
 
 
 def leave_layer(parent_layer, a: Alternative, block, h_attn: torch.Tensor, h_ffn: torch.Tensor, pe) -> torch.Tensor:
-    """The (B, T, C) stream leaving layer a.layer with `block` (None: a no-op) in place of the
-    parent's; h_attn / h_ffn: the parent's stream entering its attention / FFN."""
+    """The (B, T, C) stream leaving layer a.layer with `block` (None: a no-op) in place of that
+    layer's own sub-block; h_attn / h_ffn: the stream entering its attention / FFN (the parent's when
+    scoring, a child's when refine re-scores inside it)."""
     if a.sub == "attention":
         h2 = h_attn if block is None else h_attn + block(h_attn, pe)
         if parent_layer.mlp is not None:

@@ -44,18 +44,12 @@ from ..library.space import (
     target_alternatives,
 )
 from ..score import compare_logits, damage
+from ..score.replace import leave_layer, mean_metrics, run_tail
 from ..utils import atomic_write_json
 from ..workdir import REFINE
 from .mip import Problem, Solution, solve
 
 log = logging.getLogger(__name__)
-
-
-
-def _metrics(t: dict, parent_loss: float) -> dict:
-    lm_loss = t["nll"] / t["n"]
-    return {"kl": t["kl"] / t["n"], "lm_loss": lm_loss, "lm_loss_delta": lm_loss - parent_loss,
-            "agreement": t["agree"] / t["n"]}
 
 
 @torch.no_grad()
@@ -103,27 +97,17 @@ def score_inside(parent, child, library, choices: list[tuple[Alternative, Altern
         for layer_idx, alts in sorted(by_layer.items()):
             h_attn, h_ffn = entering[layer_idx]
             layer = child.model.layers[layer_idx]
-            for u in alts:
-                block = blocks.get(u)
-                if u.sub == "attention":  # the new attention, then the child's own FFN of this layer
-                    h = h_attn if block is None else h_attn + block(h_attn, pe)
-                    if layer.mlp is not None:
-                        h = h + layer.mlp(layer.post_attention_layernorm(h))
-                elif u.sub == "ffn":
-                    h = h_ffn if block is None else h_ffn + block(h_ffn, pe)
-                else:  # a coupled pair replaces the whole layer
-                    h = h_attn + block(h_attn, pe)
-                for later in child.model.layers[layer_idx + 1 :]:
-                    h = later(h, pe)
-                logits = child.lm_head(child.model.norm(h))[:, :-1].flatten(0, 1)
+            for u in alts:  # the unit in layer l with the child's other sub-block, then the child's tail
+                h = leave_layer(layer, u, blocks.get(u), h_attn, h_ffn, pe)
+                logits = run_tail(child, h, layer_idx + 1, pe)[:, :-1].flatten(0, 1)
                 m = compare_logits(parent_logp, logits, labels)
                 for k in totals[u]:
                     totals[u][k] += m[k]
                 bar.update(1)
     bar.close()
     parent_loss = parent_nll / n_tokens
-    base_metrics = _metrics(base, parent_loss)
-    scores = {u.name: _metrics(totals[u], parent_loss) if u in totals else dict(base_metrics) for u in units}
+    base_metrics = mean_metrics(base, parent_loss)
+    scores = {u.name: mean_metrics(totals[u], parent_loss) if u in totals else dict(base_metrics) for u in units}
     return base_metrics, scores
 
 
