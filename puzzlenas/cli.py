@@ -77,7 +77,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise PuzzleError(raise_error)
     cfg = load_config(args.config or preset_path(args.preset or "default"), args.set)
     workdir = Path(args.workdir)
-    summary = run_pipeline(cfg, workdir, args.from_stage, args.only, progress=not args.quiet)
+    if _torchrun():
+        summary = _run_split_stage(args, cfg, workdir)
+        if summary is None:  # a rank > 0: it served rank 0's models
+            return
+    else:
+        summary = run_pipeline(cfg, workdir, args.from_stage, args.only, progress=not args.quiet)
     for stage, status in summary.items():
         print(f"{stage:<10} {status}")
     report = workdir / "report" / "report.md"
@@ -89,6 +94,30 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"report: {report}")
     if cfg.target.engine == "llama.cpp" and (workdir / "child" / "config.json").is_file():
         print(f"llama.cpp GGUF: {_export_child_gguf(cfg, workdir)}")
+
+
+def _torchrun() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _run_split_stage(args: argparse.Namespace, cfg, workdir):
+    """`torchrun -m puzzlenas run CONFIG --only data|eval`: the stage on rank 0 with the parent's
+    layers (and eval's children's) split over the ranks (data/eval.parallel=layers); None on the
+    other ranks, which serve them. BLD, scoring and GKD have torchrun commands of their own."""
+    from .pipeline import run_pipeline, run_split
+    from .training import init_distributed, teardown
+
+    if args.only not in ("data", "eval") or args.from_stage:
+        raise PuzzleError("under torchrun `puzzlenas run` runs one stage with the parent's layers split over the "
+                          "ranks: --only data or --only eval (bld, score and gkd are torchrun commands of their own)")
+    init_distributed()
+    try:
+        return run_split(cfg, workdir, args.only, lambda: run_pipeline(cfg, workdir, only=args.only,
+                                                                        progress=not args.quiet))
+    finally:
+        teardown()
 
 
 def _export_child_gguf(cfg, workdir):

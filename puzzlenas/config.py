@@ -42,6 +42,10 @@ class DataConfig(Section):
     generate_sequences: int = Field(256, gt=0)
     generate_temperature: float = Field(1.0, gt=0)
     generated_fraction: float | None = Field(None, gt=0, lt=1)
+    # under torchrun (the tokens are the same either way): "none": rank 0 holds the whole parent
+    # to generate; "layers": its layers are split over the ranks (model/split.py), for a parent
+    # too big for one device
+    parallel: Literal["none", "layers"] = "none"
 
     @model_validator(mode="after")
     def _mix_needs_a_corpus(self):
@@ -266,6 +270,9 @@ class EvalConfig(Section):
     kl_sequences: int = Field(16, gt=0)
     batch_size: int = Field(8, gt=0)
     speed_repeats: int = Field(3, gt=0)
+    # under torchrun (the metrics are the same either way): "none": one process holds every model;
+    # "layers": the parent's and each child's layers are split over the ranks (model/split.py)
+    parallel: Literal["none", "layers"] = "none"
 
     @field_validator("task_data_dir")
     @classmethod

@@ -47,9 +47,52 @@ def load_context(cfg: PuzzleConfig, workdir: Path, device: torch.device | None =
 
     workdir.mkdir(parents=True, exist_ok=True)
     parent, tokenizer, fp = prepare_parent(cfg.parent, workdir)
+    if _split is not None:  # torchrun, data/eval.parallel=layers: the parent is rank 0's SplitLM from here on
+        parent = _split.share(parent, _parent_key(cfg.parent))
     data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
     parent.to(device or pick_device())
     return Context(parent, tokenizer, fp, data)
+
+
+# --- the parent's layers split over the torchrun ranks (data.parallel, eval.parallel = layers) --------
+
+_split = None  # rank 0's model.split.LayerSplit while run_split runs a stage, else None
+
+
+def _parent_key(parent: str) -> str:
+    return f"parent={parent}"
+
+
+def load_split_model(key: str, workdir: Path):
+    """A model as rank 0 names it to the other ranks: "parent=SOURCE" (prepare_parent, from the
+    work directory's converted copy that rank 0 made first) or "checkpoint=FOLDER"."""
+    from .checkpoint.io import load_checkpoint
+    from .checkpoint.parent import prepare_parent
+
+    kind, _, value = key.partition("=")
+    return prepare_parent(value, workdir)[0] if kind == "parent" else load_checkpoint(value)
+
+
+def run_split(cfg: PuzzleConfig, workdir: Path, stage: str, body):
+    """`body()` on rank 0 of the torchrun group (already joined), the models it loads split over
+    the ranks by their layers (model/split.py); the other ranks serve them until it returns. For the
+    stages that only run models forward: data (the parent writes its text) and eval."""
+    from .model.split import LayerSplit
+
+    global _split
+    if getattr(cfg, stage).parallel != "layers":
+        raise PuzzleError(f"under torchrun the {stage} stage runs with the parent's layers split over the ranks: set "
+                          f"{stage}.parallel=layers, or run it in one process")
+    split = LayerSplit(lambda key: load_split_model(key, workdir), f"{stage}.parallel=layers")
+    if split.rank > 0:
+        split.serve()
+        return None
+    _split = split
+    try:
+        return body()
+    finally:
+        _split = None
+        split.stop()
 
 
 def open_library(workdir: Path, ctx: Context):
@@ -289,7 +332,8 @@ def stage_fingerprints(cfg: PuzzleConfig, device_name: str) -> dict[str, str]:
     d = cfg.model_dump(mode="json", exclude_defaults=True)
     sec = lambda name: d.get(name, {})  # noqa: E731
     fp = {}
-    fp["data"] = fingerprint(cfg.parent, sec("data"), cfg.seed)
+    # how the ranks share the parent (data.parallel, eval.parallel) does not change what a stage makes
+    fp["data"] = fingerprint(cfg.parent, _without_parallel(sec("data")), cfg.seed)
     fp["bld"] = fingerprint(fp["data"], sec("init"), sec("bld"), sec("search_space"), sec("target"))
     # how the ranks share the scoring does not change the scores
     fp["score"] = fingerprint(fp["bld"], {k: v for k, v in sec("score").items() if k != "parallel"})
@@ -299,10 +343,14 @@ def stage_fingerprints(cfg: PuzzleConfig, device_name: str) -> dict[str, str]:
     fp["gkd"] = fingerprint(fp["realize"], sec("gkd"))
     fp["baselines"] = fingerprint(fp["score"], fp["costs"], cfg.search.throughput, sec("gkd"))
     # where the eval data lies is not what it is: moving the folder does not redo the evaluation
-    eval_inputs = {k: v for k, v in sec("eval").items() if k != "task_data_dir"}
+    eval_inputs = {k: v for k, v in _without_parallel(sec("eval")).items() if k != "task_data_dir"}
     fp["eval"] = fingerprint(fp["gkd"], fp["baselines"], eval_inputs, sec("costs").get("scenario", {}))
     fp["report"] = fingerprint(fp["eval"])
     return fp
+
+
+def _without_parallel(section: dict) -> dict:
+    return {k: v for k, v in section.items() if k != "parallel"}
 
 
 def _marker(workdir: Path, stage: str) -> Path:
@@ -401,7 +449,7 @@ def _bld_hard_fp(cfg: PuzzleConfig) -> str:
     from .utils import fingerprint
 
     d = cfg.model_dump(mode="json", exclude_defaults=True)
-    data_fp = fingerprint(cfg.parent, d.get("data", {}), cfg.seed)  # = stage_fingerprints(...)["data"]
+    data_fp = fingerprint(cfg.parent, _without_parallel(d.get("data", {})), cfg.seed)  # = stage_fingerprints(...)["data"]
     return fingerprint(data_fp, d.get("init", {}), d.get("bld", {}))  # the search space only adds blocks
 
 
@@ -458,6 +506,6 @@ def _run_eval(cfg: PuzzleConfig, workdir: Path, ctx: Context) -> dict:
     for name, path in candidates.items():
         if not (path / "config.json").is_file():  # never evaluate without a model silently
             raise PuzzleError(f"{path} is missing, so the {name} cannot be evaluated; run without --only to rebuild it")
-        models[name] = load_checkpoint(path).to(device)
+        models[name] = _split.load(f"checkpoint={path}") if _split is not None else load_checkpoint(path).to(device)
     paths = {"parent": workdir / "parent", **candidates}
     return evaluate_models(models, "parent", ctx.tokenizer, cfg, ctx.data.val, workdir / "eval", paths=paths)

@@ -196,7 +196,9 @@ def evaluate_models(models: dict, parent_name: str, tokenizer, cfg, val_ids: tor
     results: dict[str, dict] = {}
     for name, model in models.items():
         log.info("evaluating %s", name)
-        r: dict = {"params": sum(p.numel() for p in model.parameters())}
+        # num_parameters: a model split over the ranks (model/split.py) holds only its share here
+        r: dict = {"params": model.num_parameters() if hasattr(model, "num_parameters")
+                   else sum(p.numel() for p in model.parameters())}
         r["wikitext2"] = wikitext_perplexity(model, tokenizer, wikitext, e.ppl_context, e.ppl_max_tokens, e.batch_size)
         r.update(kl_and_agreement(model, parent, val_ids[: e.kl_sequences], e.batch_size))
         if tasks:
