@@ -366,20 +366,40 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     check_command(args, cfg)
     workdir = Path(args.workdir)
-    device = pick_device()
-    parent, tokenizer, fp = prepare_parent(args.parent or cfg.parent, workdir)
-    data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
-    models = {"parent": parent.to(device)}
-    paths = {"parent": workdir / "parent"}
-    for path in args.checkpoint:
-        p = Path(path)
-        if (p / "config.json").is_file() and '"nemotron-nas"' in (p / "config.json").read_text():
-            models[p.name] = load_checkpoint(p).to(device)
-        else:
-            models[p.name] = convert_parent(load_parent(p)[0], copy=False).to(device)
-        paths[p.name] = p  # an engine serving from folders reads a plain Llama folder natively
-    report = evaluate_models(models, "parent", tokenizer, cfg, data.val, workdir / "eval",
-                             skip_lm_eval=args.no_lm_eval, paths=paths)
+
+    def evaluate():
+        from .pipeline import place_model
+
+        device = pick_device()
+        source = args.parent or cfg.parent
+        parent, tokenizer, fp = prepare_parent(source, workdir)
+        data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
+        # under torchrun (eval.parallel=layers) every model is split over the ranks
+        models = {"parent": place_model(parent, f"parent={source}", device)}
+        paths = {"parent": workdir / "parent"}
+        for path in args.checkpoint:
+            p = Path(path)
+            if (p / "config.json").is_file() and '"nemotron-nas"' in (p / "config.json").read_text():
+                models[p.name] = place_model(load_checkpoint(p), f"checkpoint={p}", device)
+            else:
+                models[p.name] = place_model(convert_parent(load_parent(p)[0], copy=False), f"convert={p}", device)
+            paths[p.name] = p  # an engine serving from folders reads a plain Llama folder natively
+        return evaluate_models(models, "parent", tokenizer, cfg, data.val, workdir / "eval",
+                               skip_lm_eval=args.no_lm_eval, paths=paths)
+
+    if _torchrun():
+        from .pipeline import run_split
+        from .training import init_distributed, teardown
+
+        init_distributed()
+        try:
+            report = run_split(cfg, workdir, "eval", evaluate)
+        finally:
+            teardown()
+        if report is None:  # a rank > 0: it served rank 0's models
+            return
+    else:
+        report = evaluate()
     from .eval import format_results
 
     print(format_results(report))

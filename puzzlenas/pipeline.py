@@ -70,7 +70,19 @@ def load_split_model(key: str, workdir: Path):
     from .checkpoint.parent import prepare_parent
 
     kind, _, value = key.partition("=")
-    return prepare_parent(value, workdir)[0] if kind == "parent" else load_checkpoint(value)
+    if kind == "parent":
+        return prepare_parent(value, workdir)[0]
+    if kind == "convert":  # a plain Llama-family folder (`puzzlenas eval` compares any checkpoint)
+        from .checkpoint import convert_parent, load_parent
+
+        return convert_parent(load_parent(value)[0], copy=False)
+    return load_checkpoint(value)
+
+
+def place_model(model, key: str, device):
+    """`model` (on the CPU) on `device`; while run_split runs, rank 0's SplitLM of it instead, the
+    other ranks loading it by `key` (load_split_model)."""
+    return _split.share(model, key) if _split is not None else model.to(device)
 
 
 def run_split(cfg: PuzzleConfig, workdir: Path, stage: str, body):
@@ -506,6 +518,6 @@ def _run_eval(cfg: PuzzleConfig, workdir: Path, ctx: Context) -> dict:
     for name, path in candidates.items():
         if not (path / "config.json").is_file():  # never evaluate without a model silently
             raise PuzzleError(f"{path} is missing, so the {name} cannot be evaluated; run without --only to rebuild it")
-        models[name] = _split.load(f"checkpoint={path}") if _split is not None else load_checkpoint(path).to(device)
+        models[name] = place_model(load_checkpoint(path), f"checkpoint={path}", device)
     paths = {"parent": workdir / "parent", **candidates}
     return evaluate_models(models, "parent", ctx.tokenizer, cfg, ctx.data.val, workdir / "eval", paths=paths)

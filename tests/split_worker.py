@@ -47,6 +47,16 @@ def logits_checks(split_model, whole) -> dict:
         b = whole(ids[:, t : t + 1], cache=b.past_key_values, use_cache=True)
         steps.append((a.logits - b.logits).abs().max().item())
     out["decode"] = max(steps)
+    # the caller's own cache object passed at every step, as engines/torch_engine.py times a model
+    from transformers.cache_utils import DynamicCache
+
+    mine, theirs = DynamicCache(), DynamicCache()
+    steps = [(split_model(ids[:, :5], cache=mine, use_cache=True).logits
+              - whole(ids[:, :5], cache=theirs, use_cache=True).logits).abs().max().item()]
+    for t in range(5, 11):
+        steps.append((split_model(ids[:, t : t + 1], cache=mine, use_cache=True).logits
+                      - whole(ids[:, t : t + 1], cache=theirs, use_cache=True).logits).abs().max().item())
+    out["decode_given_cache"] = max(steps)
     return out
 
 

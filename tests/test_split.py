@@ -38,12 +38,13 @@ def split_run(tmp_path_factory):
 
 
 def test_split_logits_equal_one_process(split_run):
-    """Plain, right-padded (attention mask) and KV-cached decoding, for the parent (layers 0-1 on
-    rank 0, layer 2 on rank 1) and a child whose layer 1 is pruned (its cache slots differ)."""
+    """Plain, right-padded (attention mask) and KV-cached decoding (the cache handle returned, or
+    the caller's own cache object passed at every step), for the parent (layers 0-1 on rank 0,
+    layer 2 on rank 1) and a child whose layer 1 is pruned (its cache slots differ)."""
     r, log = split_run
     assert "rank 0 holds layers 0-1 + embedding of model 0" in log and "rank 1 holds layers 2-2 + LM head of model 1" in log
     for model in ("parent_logits", "child_logits"):
-        assert r[model] == {"plain": 0.0, "padded": 0.0, "decode": 0.0}
+        assert r[model] == {"plain": 0.0, "padded": 0.0, "decode": 0.0, "decode_given_cache": 0.0}
     assert r["params"][0] == r["params"][1]  # the whole model's count, not rank 0's share
 
 
@@ -74,3 +75,50 @@ def test_torchrun_run_refuses_a_stage_that_does_not_split(tmp_path):
     cfg = config_from_dict({})
     with pytest.raises(PuzzleError, match="set eval.parallel=layers"):
         run_split(cfg, tmp_path, "eval", lambda: None)
+
+
+def test_torchrun_data_and_eval_with_the_parent_split_equal_one_process(tmp_path):
+    """The commands: `torchrun -m puzzlenas run --only data` (data.parallel=layers: the parent writes
+    its distillation text split over 2 ranks) makes the token cache one process makes, byte for
+    byte, and the same stage fingerprint; `torchrun -m puzzlenas eval CHILD` (eval.parallel=layers:
+    parent and child split) gives one process's perplexities, KL and agreement."""
+    import yaml
+    from conftest import SHARED_DATA, make_tiny_parent, make_tiny_tokenizer, pruned_choices, start_cli
+    from test_distributed import torchrun
+
+    from puzzlenas.checkpoint import convert_parent
+    from puzzlenas.checkpoint.io import save_checkpoint
+    from puzzlenas.realize import assemble_child
+
+    parent = make_tiny_parent("llama")
+    parent.save_pretrained(tmp_path / "parent")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "parent")
+    decilm = convert_parent(parent)
+    save_checkpoint(assemble_child(decilm, pruned_choices(decilm.config)), tmp_path / "child")
+    raw = {"parent": str(tmp_path / "parent"), "data": {"seq_len": 32, "generate_sequences": 24, "val_sequences": 8},
+           "eval": {"task_data_dir": str(SHARED_DATA), "tasks": [], "ppl_context": 64, "ppl_max_tokens": 256,
+                    "kl_sequences": 4, "batch_size": 3, "speed_repeats": 1},
+           "costs": {"scenario": {"batch_size": 1, "prompt_len": 8, "generate_len": 4}}, "target": {"engine": "torch"}}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    data = ["run", str(cfg), "--only", "data", "--quiet"]
+    one = start_cli([*data, "--workdir", str(tmp_path / "one")])
+    two = torchrun([*data, "--workdir", str(tmp_path / "two"), "--set", "data.parallel=layers"])
+    finish(one)
+    assert "data.parallel=layers: rank 1 holds layers 2-2 + LM head" in finish(two)
+    tokens = {w: sorted((tmp_path / w / "data").glob("tokens-*.safetensors")) for w in ("one", "two")}
+    assert [p.name for p in tokens["one"]] == [p.name for p in tokens["two"]] and len(tokens["one"]) == 1
+    assert tokens["one"][0].read_bytes() == tokens["two"][0].read_bytes()
+    marker = {w: json.loads((tmp_path / w / "stages" / "data.json").read_text()) for w in ("one", "two")}
+    assert marker["one"]["fingerprint"] == marker["two"]["fingerprint"]
+
+    ev = ["eval", str(tmp_path / "child"), "--config", str(cfg), "--no-lm-eval"]
+    one = start_cli([*ev, "--workdir", str(tmp_path / "one")])
+    two = torchrun([*ev, "--workdir", str(tmp_path / "two"), "--set", "eval.parallel=layers"])
+    finish(one)
+    assert "eval.parallel=layers: rank 1 holds layers 2-2 + LM head of model 1" in finish(two)
+    results = {w: json.loads((tmp_path / w / "eval" / "results.json").read_text())["models"] for w in ("one", "two")}
+    for model in ("parent", "child"):
+        a, b = results["one"][model], results["two"][model]
+        assert (a["params"], a["wikitext2"], a["kl"], a["agreement"]) == (b["params"], b["wikitext2"], b["kl"], b["agreement"])
+    assert results["two"]["child"]["kl"] > 0 and results["two"]["parent"]["kl"] == 0

@@ -79,6 +79,7 @@ class _Part:
         self.norm, self.lm_head = (inner.norm, model.lm_head) if last else (None, None)
         self.dtype = inner.norm.weight.dtype  # the stream's and the logits' dtype (every rank keeps the norm)
         self.cache, self.generation = None, 0
+        self.given = None  # rank 0: (the caller's Cache object, the SplitCache it stands for)
         self.model = model  # what holds the tensors: freed with the part
 
 
@@ -166,10 +167,19 @@ class LayerSplit:
     def forward(self, model_id: int, ids: torch.Tensor, attention_mask, cache, use_cache: bool, keep: int):
         part = self.parts[model_id]
         B, T = ids.shape
-        if isinstance(cache, SplitCache) and (cache.model_id != model_id or cache.generation != part.generation):
-            raise RuntimeError("a model split over ranks keeps one KV cache at a time: this one has been replaced")
+        given = None
         if cache is not None and not isinstance(cache, SplitCache):
-            raise TypeError(f"a model split over ranks takes its own SplitCache, not {type(cache).__name__}")
+            # the caller's own Cache object, passed again at every step (engines/torch_engine.py times
+            # so): an empty one starts a generation, and stands for its SplitCache from then on
+            given = cache
+            if part.given is not None and part.given[0] is cache:
+                cache = part.given[1]
+            elif cache.get_seq_length() == 0:
+                cache = None
+            else:
+                raise TypeError(f"a model split over ranks cannot go on from a filled {type(cache).__name__}")
+        if cache is not None and (cache.model_id != model_id or cache.generation != part.generation):
+            raise RuntimeError("a model split over ranks keeps one KV cache at a time: this one has been replaced")
         mode = _GO_ON if cache is not None else _NEW_CACHE if use_cache else _NO_CACHE
         past = cache.length if cache is not None else 0
         mask = None if attention_mask is None else attention_mask.to(self.device, torch.long)
@@ -179,6 +189,7 @@ class LayerSplit:
         logits = self._run(part, header, ids.to(self.device), mask)
         if mode == _NEW_CACHE:
             cache = SplitCache(model_id, part.generation)
+            part.given = (given, cache) if given is not None else None
         if cache is not None:
             cache.length = past + T
         return logits, cache
