@@ -224,6 +224,12 @@ class Plan:
         if s.stage == "score" and self.cfg.score.parallel == "alternatives" and s.part("weights") > cap / 2:
             return (f"{over}: every rank holds the whole parent; set score.parallel=layers (torchrun -m puzzlenas score) "
                     "to split its layers over the ranks")
+        if s.stage == "data" and self.cfg.data.parallel == "none" and s.part("weights") > cap / 2:
+            return (f"{over}: it holds the whole parent on one device; set data.parallel=layers (torchrun -m puzzlenas "
+                    "run CONFIG --only data) to split its layers over the ranks")
+        if s.stage == "eval" and self.cfg.eval.parallel == "none" and s.part("weights") > cap / 2:
+            return (f"{over}: it loads the parent and 4 children on one device; set eval.parallel=layers (torchrun -m "
+                    "puzzlenas run CONFIG --only eval) to split every model's layers over the ranks")
         if s.sharded:  # more devices: the whole plan again with 2x, 4x, ... as many
             for need in (self.devices * 2**k for k in range(1, 12)):
                 bigger = make_plan(self.cfg, self.arch, need, self.device_bytes, self.device_name, True)
@@ -290,13 +296,25 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
         per_layer.setdefault(a.layer, []).append(a)
     stages = []
 
-    # data: the pipeline loads the parent onto the device (and generates with it when data.path is unset)
-    s = StagePlan("data", "1 device (the parent loaded by every stage's context)")
-    s.items.append(Item("weights", "parent", W, f"{P / 1e9:.2f}B params x {bw} B"))
-    if cfg.data.path is None:
+    # data: the pipeline loads the parent onto the device (and generates with it when data.path is
+    # unset); data.parallel=layers (torchrun): each rank its range of layers, its KV cache, and the
+    # embedding (first rank) or LM head (last), as model/split.py places them
+    split = math.ceil(L / N)  # a rank's layers under data/eval.parallel=layers
+    ends = 2 if N == 1 and not arch.tie_word_embeddings else 1  # embedding on the first rank, LM head on the last
+    if cfg.data.parallel == "layers":
+        held = split
+        s = StagePlan("data", f"parent layers split over {N} rank{'s' * (N > 1)} ({split} layers each, data.parallel=layers)",
+                      sharded=True)
+        s.items.append(Item("weights", "parent layers + embedding or LM head", (split * arch.layer_params + ends * arch.embed_params) * bw,
+                            f"({split} layers x {arch.layer_params / 1e6:.0f}M + {ends} x {arch.embed_params / 1e6:.0f}M) x {bw} B"))
+    else:
+        held = L
+        s = StagePlan("data", "1 device (the parent loaded by every stage's context)")
+        s.items.append(Item("weights", "parent", W, f"{P / 1e9:.2f}B params x {bw} B"))
+    if cfg.data.path is None or cfg.data.generated_fraction is not None:
         gb = 64  # generate_sequences' batch
-        kv = 2 * L * arch.kv_dim * S * gb * bw
-        s.items.append(Item("caches", "KV cache, generation", kv, f"2 x {L} layers x {arch.kv_dim} x {S} tok x {gb} seq x {bw} B"))
+        kv = 2 * held * arch.kv_dim * S * gb * bw
+        s.items.append(Item("caches", "KV cache, generation", kv, f"2 x {held} layers x {arch.kv_dim} x {S} tok x {gb} seq x {bw} B"))
         s.items.append(Item("activations", "logits", gb * V * 4 * 2, f"{gb} seq x {V} vocab x 4 B x 2"))
     stages.append(s)
 
@@ -408,12 +426,27 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
     s.batch = ("gkd.batch_size", B, acts + teacher_h + lg)
     stages.append(s)
 
-    # eval: every model of the comparison on one device at once, the parent's and a model's log-probs
+    # eval: every model of the comparison on one device at once, the parent's and a model's log-probs;
+    # eval.parallel=layers (torchrun): every model split over the ranks by its layers, rank 0 also
+    # holding each one's embedding (the last rank each LM head) and receiving the logits
     e = cfg.eval
     n_children = 4  # child before and after GKD, width and depth baselines (each at most the child's size)
-    s = StagePlan("eval", "1 device, parent + 4 children loaded together")
-    s.items.append(Item("weights", "parent + children", W + n_children * child * bw,
-                        f"{P / 1e9:.2f}B x {bw} B + {n_children} x {child / 1e9:.2f}B x {bw} B"))
+    if e.parallel == "layers":
+        s = StagePlan("eval", f"parent + 4 children, each split over {N} rank{'s' * (N > 1)} ({split} layers each, "
+                              "eval.parallel=layers)", sharded=True)
+        # a child's layers: what its upper bound leaves after the vocabulary matrices, spread over L layers
+        child_layer = max(0.0, child - P + L * arch.layer_params) / L
+        s.items.append(Item("weights", "layers of the parent and 4 children", split * (arch.layer_params + n_children * child_layer) * bw,
+                            f"{split} layers x ({arch.layer_params / 1e6:.0f}M + {n_children} x {child_layer / 1e6:.0f}M) x {bw} B"))
+        # model k starts on rank k mod N (embedding) and ends on the rank before (LM head): the fullest rank's count
+        models = 1 + n_children
+        vocab = models * ends if N == 1 else max(sum((k - r) % N in (0, 1) for k in range(models)) for r in range(N))
+        s.items.append(Item("weights", "embeddings + LM heads on the fullest rank", vocab * arch.embed_params * bw,
+                            f"{vocab} x {arch.embed_params / 1e6:.0f}M x {bw} B"))
+    else:
+        s = StagePlan("eval", "1 device, parent + 4 children loaded together")
+        s.items.append(Item("weights", "parent + children", W + n_children * child * bw,
+                            f"{P / 1e9:.2f}B x {bw} B + {n_children} x {child / 1e9:.2f}B x {bw} B"))
     T_ = max(e.ppl_context, S)
     lg = T_ * V * (2 * bw + 16)
     s.items.append(Item("activations", "logits + log-probs of two models", e.batch_size * lg,
@@ -481,14 +514,17 @@ PLAN_OF = {"baselines": "gkd", "realize": "data"}
 
 def check_run_fits(cfg: PuzzleConfig, stages: list[str], device, device_bytes: float | None = None) -> None:
     """Stop before any work when a stage that will run cannot fit its device (CUDA only: see module
-    doc). One process: `puzzlenas run` runs bld and gkd unsharded; torchrun them for more devices."""
+    doc). One process: `puzzlenas run` runs bld and gkd unsharded; torchrun them for more devices.
+    Under torchrun (data or eval with data/eval.parallel=layers) it plans for WORLD_SIZE devices."""
     if device_bytes is None:
         if getattr(device, "type", str(device)) != "cuda":
             return
         import torch
 
         device_bytes = float(torch.cuda.get_device_properties(device).total_memory)
-    plan = make_plan(cfg, parent_arch(cfg.parent), 1, device_bytes, str(device), cuda=True)
+    # under torchrun (`run --only data|eval` with the parent's layers split) the ranks share the stage
+    plan = make_plan(cfg, parent_arch(cfg.parent), int(os.environ.get("WORLD_SIZE", "1")), device_bytes, str(device),
+                     cuda=True)
     wanted = {PLAN_OF.get(stage, stage) for stage in stages}
     for s in plan.stages:
         if s.stage in wanted and not plan.fits(s):

@@ -99,6 +99,29 @@ def test_score_with_the_parents_layers_split_fits_where_the_whole_parent_does_no
     assert t.part("activations") < s.part("activations")
 
 
+def test_data_and_eval_with_the_layers_split_fit_where_the_whole_parent_does_not():
+    """configs/llama3_70b_node.yaml on 8 x 80 GiB: data and eval hold the whole parent (eval also 4
+    children) on one device unless data.parallel / eval.parallel = layers."""
+    whole = load_config(ROOT / "configs" / "llama3_70b_node.yaml", ["data.parallel=none", "eval.parallel=none"])
+    arch = parent_arch(whole.parent)
+    plan = make_plan(whole, arch, 8, 80 * GiB, "t")
+    for stage in ("data", "eval"):
+        s = next(x for x in plan.stages if x.stage == stage)
+        assert not plan.fits(s) and f"set {stage}.parallel=layers" in plan.advice(s)
+    split = make_plan(load_config(ROOT / "configs" / "llama3_70b_node.yaml"), arch, 8, 80 * GiB, "t")
+    data, ev = (next(x for x in split.stages if x.stage == stage) for stage in ("data", "eval"))
+    assert split.fits(data) and split.fits(ev) and "10 layers each" in data.strategy
+    # 10 of the 80 layers and one vocabulary matrix; eval: each model's 10 layers, and the two
+    # vocabulary matrices of the fullest rank (model k starts on rank k mod 8: rank 0 holds the
+    # parent's embedding and the first child's LM head)
+    assert data.part("weights") == (10 * arch.layer_params + arch.embed_params) * 2
+    assert ev.items[1].bytes == 2 * arch.embed_params * 2
+    # generating (no data.path): the KV cache of a rank's 10 layers, not of all 80
+    gen = load_config(ROOT / "configs" / "llama3_70b_node.yaml", ["data.path=null"])
+    g1, g8 = (next(x for x in make_plan(gen, arch, n, 80 * GiB, "t").stages if x.stage == "data") for n in (1, 8))
+    assert g1.part("caches") == 8 * g8.part("caches") > 0
+
+
 def test_the_run_refuses_a_stage_that_does_not_fit_before_any_work():
     cfg = load_config(ROOT / "configs" / "llama3_8b_gpu.yaml")
     with pytest.raises(PuzzleError, match=r"memory plan: bld: .* needs \d+ such devices") as info:

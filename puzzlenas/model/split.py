@@ -9,15 +9,16 @@ takes the model object) by code that only calls `model(ids, attention_mask=..., 
 and reads `.logits`. Rank 0 hands that code a SplitLM that looks like the causal LM; the split lives
 in this file alone, and the stages run unchanged, so they cannot drift from their one-process form.
 
-Rank r keeps the contiguous range of layers bld.pipeline.LayerPipeline gives it (rank 0 also the
-embedding, the last rank the final norm and LM head). Ranks > 0 run `serve()` until rank 0 calls
-`stop()`. One call of a SplitLM:
+Each rank keeps a contiguous range of a model's layers, as bld.pipeline.LayerPipeline deals them
+(for the parent, model 0: rank 0 the first layers and the embedding, the last rank the last
+layers, the final norm and the LM head; model k's pipeline starts on rank k mod N, see _place).
+Ranks > 0 run `serve()` until rank 0 calls `stop()`. One call of a SplitLM:
   1. rank 0 broadcasts a header (command, model, B, T, past length, mask length, cache use, logits kept)
      and the (B, past + T) attention mask when there is one
-  2. rank 0 embeds the ids and runs its layers; each rank receives the (B, T, C) residual stream
-     from the rank before, runs its layers (with the positions and mask one process builds) and
-     sends it on
-  3. the last rank applies the final norm and LM head and sends the (B, T, V) logits to rank 0
+  2. the rank where the pipeline starts embeds the ids (rank 0 sends them there) and runs its
+     layers; each next rank receives the (B, T, C) residual stream from the one before, runs its
+     layers (with the positions and mask one process builds) and sends it on
+  3. the last applies the final norm and LM head and sends the (B, T, V) logits to rank 0
 The tensors are those one process computes, layer for layer: in fp32 the logits are equal bit
 for bit (tests/test_split.py). Decoding: every rank keeps the KV cache of its own layers
 (DecilM's cache_index is the layer's place among all attention layers, so a rank's cache simply
@@ -66,13 +67,15 @@ class SplitCache:
 
 
 class _Part:
-    """One model's share on this rank: its layers [lo, hi), the embedding on rank 0, the final
-    norm and LM head on the last rank, and the KV cache of the generation going on."""
+    """One model's share on this rank: its layers [lo, hi), the embedding where its pipeline starts
+    (rank `first`), the final norm and LM head where it ends (rank `last`), and the KV cache of the
+    generation going on."""
 
-    def __init__(self, model, lo: int, hi: int, first: bool, last: bool):
+    def __init__(self, model, lo: int, hi: int, first: int, last: int, rank: int):
         inner = model.model
         self.config = model.config
-        self.lo, self.hi = lo, hi
+        self.lo, self.hi, self.first_rank, self.last_rank = lo, hi, first, last
+        first, last = rank == first, rank == last
         self.embed = inner.embed_tokens if first else None
         self.layers = inner.layers
         self.rotary = inner.rotary_emb
@@ -86,7 +89,7 @@ class _Part:
 class SplitLM(nn.Module):
     """Rank 0's view of a split model: called like DeciLMForCausalLM, computed by all the ranks.
 
-    Its parameters are rank 0's share (the embedding and rank 0's layers), so
+    Its parameters are rank 0's share (its layers, the norm, an embedding or LM head), so
     `next(model.parameters()).device` is rank 0's device, as callers expect; `num_parameters()` is
     the whole model's count."""
 
@@ -202,19 +205,26 @@ class LayerSplit:
     # --- every rank ------------------------------------------------------------------------------
 
     def _place(self, model_id: int, model) -> int:
-        """Keep this rank's share of `model` on the device; the whole model's parameter count."""
+        """Keep this rank's share of `model` on the device; the whole model's parameter count.
+
+        Model k's pipeline starts on rank k mod N and goes round the ranks: the embeddings and LM
+        heads of the models eval holds together (the parent and four children) spread over the
+        ranks instead of all landing on the first and the last (a 70B parent on 8 x 80 GiB:
+        67.9 GiB on the fullest rank instead of 73.6, `puzzlenas plan`)."""
         from ..bld.pipeline import LayerPipeline
 
         total = sum(p.numel() for p in model.parameters())
-        pipeline = LayerPipeline(model, self.rank, self.world, setting=self.setting)
+        place = (self.rank - model_id) % self.world  # this rank's place in the model's pipeline
+        pipeline = LayerPipeline(model, place, self.world, setting=self.setting)
         pipeline.drop_others(model)
-        first, last = self.rank == 0, self.rank == self.world - 1
+        first, last = place == 0, place == self.world - 1
         if not first:
             model.model.embed_tokens = None
         if not last:
             model.lm_head = None  # tied: the one matrix stays where the embedding is used
         model.to(self.device)
-        self.parts[model_id] = _Part(model, pipeline.lo, pipeline.hi, first, last)
+        self.parts[model_id] = _Part(model, pipeline.lo, pipeline.hi, model_id % self.world,
+                                     (model_id - 1) % self.world, self.rank)
         self._next_id = model_id + 1
         log.info("%s: rank %d holds layers %d-%d%s%s of model %d: %.2fM of its %.2fM parameters", self.setting,
                  self.rank, pipeline.lo, pipeline.hi - 1, " + embedding" * first, " + LM head" * last, model_id,
@@ -228,30 +238,35 @@ class LayerSplit:
         if mode == _NEW_CACHE:
             part.cache, part.generation = DynamicCache(), part.generation + 1
         cache = part.cache if mode != _NO_CACHE else None
-        if self.rank == 0:
+        if part.first_rank != 0 and self.rank in (0, part.first_rank):  # the ids to where the pipeline starts
+            if self.rank == 0:
+                dist.send(ids.contiguous(), part.first_rank, group=self.group)
+            else:
+                ids = torch.empty(B, T, dtype=torch.long, device=self.device)
+                dist.recv(ids, 0, group=self.group)
+        if self.rank == part.first_rank:
             h = part.embed(ids)  # (B, T, C)
         else:
             h = torch.empty(B, T, part.config.hidden_size, dtype=part.dtype, device=self.device)
-            dist.recv(h, self.rank - 1, group=self.group)
+            dist.recv(h, (self.rank - 1) % self.world, group=self.group)
         # what DeciLMModel.forward builds: positions after the past, the additive mask, RoPE tables
         positions = torch.arange(past, past + T, device=h.device)[None].expand(B, -1)
         additive = build_attention_mask(mask, T, past, h.dtype, h.device)
         pe = part.rotary(h, positions)
         for layer in part.layers[part.lo : part.hi]:
             h = layer(h, pe, additive, cache)
-        last = self.world - 1
-        if self.rank < last:
-            dist.send(h.contiguous(), self.rank + 1, group=self.group)
+        if self.rank != part.last_rank:
+            dist.send(h.contiguous(), (self.rank + 1) % self.world, group=self.group)
         else:
             h = part.norm(h)
             logits = part.lm_head(h[:, -keep:] if keep else h)  # (B, T or keep, V)
-            if last == 0:
+            if self.rank == 0:
                 return logits
             dist.send(logits.contiguous(), 0, group=self.group)
         if self.rank > 0:
             return None
         logits = torch.empty(B, keep or T, part.config.vocab_size, dtype=part.dtype, device=self.device)
-        dist.recv(logits, last, group=self.group)
+        dist.recv(logits, part.last_rank, group=self.group)
         return logits
 
     def serve(self) -> None:
