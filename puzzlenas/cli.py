@@ -184,11 +184,28 @@ def _prepare_on_ranks(cfg, workdir, rank: int):
 
     def load():
         parent, tokenizer, fp = prepare_parent(cfg.parent, workdir)
-        return parent, tokenizer, fp, prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
+        # data.parallel=layers: the tokens are cached by `torchrun ... run --only data`; generating
+        # here would hold the whole parent on rank 0
+        writer = _GenerateWithTheSplit(parent) if cfg.data.parallel == "layers" else parent
+        return parent, tokenizer, fp, prepare_data(cfg.data, tokenizer, workdir, model=writer, model_fingerprint=fp)
 
     first = load() if rank == 0 else None
     barrier()
     return first or load()
+
+
+class _GenerateWithTheSplit:
+    """The parent as prepare_data sees it when data.parallel=layers outside `run --only data`: its
+    config for the checks, and one line instead of generating."""
+
+    def __init__(self, parent):
+        self.config = parent.config
+
+    def __call__(self, *args, **kwargs):
+        raise PuzzleError("data.parallel=layers: the parent writes its distillation text with its layers split over "
+                          "the ranks; run `torchrun --nproc-per-node N -m puzzlenas run CONFIG --only data` first")
+
+    parameters = __call__
 
 
 def _run_stages(args: argparse.Namespace, cfg, *stages: str) -> None:

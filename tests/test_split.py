@@ -81,14 +81,11 @@ def test_torchrun_run_refuses_a_stage_that_does_not_split(tmp_path):
         run_split(cfg, tmp_path, "eval", lambda: None)
 
 
-def test_torchrun_data_and_eval_with_the_parent_split_equal_one_process(tmp_path):
-    """The commands: `torchrun -m puzzlenas run --only data` (data.parallel=layers: the parent writes
-    its distillation text split over 2 ranks) makes the token cache one process makes, byte for
-    byte, and the same stage fingerprint; `torchrun -m puzzlenas eval CHILD` (eval.parallel=layers:
-    parent and child split) gives one process's perplexities, KL and agreement."""
+def _tiny_workdir_config(tmp_path: Path) -> Path:
+    """A tiny parent with its tokenizer, a pruned child checkpoint, and a config whose data the
+    parent writes itself: cfg.yaml's path."""
     import yaml
-    from conftest import SHARED_DATA, make_tiny_parent, make_tiny_tokenizer, pruned_choices, start_cli
-    from test_distributed import torchrun
+    from conftest import SHARED_DATA, make_tiny_parent, make_tiny_tokenizer, pruned_choices
 
     from puzzlenas.checkpoint import convert_parent
     from puzzlenas.checkpoint.io import save_checkpoint
@@ -103,26 +100,75 @@ def test_torchrun_data_and_eval_with_the_parent_split_equal_one_process(tmp_path
            "eval": {"task_data_dir": str(SHARED_DATA), "tasks": [], "ppl_context": 64, "ppl_max_tokens": 256,
                     "kl_sequences": 4, "batch_size": 3, "speed_repeats": 1},
            "costs": {"scenario": {"batch_size": 1, "prompt_len": 8, "generate_len": 4}}, "target": {"engine": "torch"}}
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(raw))
-    data = ["run", str(cfg), "--only", "data", "--quiet"]
-    one = start_cli([*data, "--workdir", str(tmp_path / "one")])
-    two = torchrun([*data, "--workdir", str(tmp_path / "two"), "--set", "data.parallel=layers"])
-    finish(one)
-    assert "data.parallel=layers: rank 1 holds layers 2-2 + LM head" in finish(two)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path / "cfg.yaml"
+
+
+def _one_thread(fn):
+    """`fn()` on one thread, as the torchrun workers run (OMP_NUM_THREADS=1): the same float sums."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_torchrun_run_only_data_with_the_parent_split_writes_one_process_tokens(tmp_path):
+    """`torchrun -m puzzlenas run --only data` with data.parallel=layers: the parent writes its
+    distillation text split over 2 ranks; the token cache is one process's, byte for byte, with the
+    same stage fingerprint (a later stage takes it as done)."""
+    from test_distributed import torchrun
+
+    from puzzlenas.config import load_config
+    from puzzlenas.pipeline import run_pipeline
+
+    cfg = _tiny_workdir_config(tmp_path)
+    two = torchrun(["run", str(cfg), "--only", "data", "--quiet", "--workdir", str(tmp_path / "two"),
+                    "--set", "data.parallel=layers"])
+    _one_thread(lambda: run_pipeline(load_config(cfg), tmp_path / "one", only="data", progress=False))
+    assert "data.parallel=layers: rank 1 holds layers 2-2 + LM head of model 0" in finish(two)
     tokens = {w: sorted((tmp_path / w / "data").glob("tokens-*.safetensors")) for w in ("one", "two")}
     assert [p.name for p in tokens["one"]] == [p.name for p in tokens["two"]] and len(tokens["one"]) == 1
     assert tokens["one"][0].read_bytes() == tokens["two"][0].read_bytes()
     marker = {w: json.loads((tmp_path / w / "stages" / "data.json").read_text()) for w in ("one", "two")}
     assert marker["one"]["fingerprint"] == marker["two"]["fingerprint"]
 
+
+def test_torchrun_eval_with_parent_and_child_split_equals_one_process(tmp_path):
+    """`torchrun -m puzzlenas eval CHILD` with eval.parallel=layers (parent and child split over 2
+    ranks): one process's perplexities, KL, agreement and parameter counts; speed timed split."""
+    import shutil
+
+    from test_distributed import torchrun
+
+    from puzzlenas.cli import main
+    from puzzlenas.config import load_config
+    from puzzlenas.pipeline import run_pipeline
+
+    cfg = _tiny_workdir_config(tmp_path)
+    run_pipeline(load_config(cfg), tmp_path / "one", only="data", progress=False)  # the validation sequences
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
     ev = ["eval", str(tmp_path / "child"), "--config", str(cfg), "--no-lm-eval"]
-    one = start_cli([*ev, "--workdir", str(tmp_path / "one")])
     two = torchrun([*ev, "--workdir", str(tmp_path / "two"), "--set", "eval.parallel=layers"])
-    finish(one)
+    assert _one_thread(lambda: main([*ev, "--workdir", str(tmp_path / "one")])) == 0
     assert "eval.parallel=layers: rank 0 holds layers 2-2 + LM head of model 1" in finish(two)
-    results = {w: json.loads((tmp_path / w / "eval" / "results.json").read_text())["models"] for w in ("one", "two")}
+    report = {w: json.loads((tmp_path / w / "eval" / "results.json").read_text()) for w in ("one", "two")}
     for model in ("parent", "child"):
-        a, b = results["one"][model], results["two"][model]
+        a, b = report["one"]["models"][model], report["two"]["models"][model]
         assert (a["params"], a["wikitext2"], a["kl"], a["agreement"]) == (b["params"], b["wikitext2"], b["kl"], b["agreement"])
-    assert results["two"]["child"]["kl"] > 0 and results["two"]["parent"]["kl"] == 0
+    assert report["two"]["models"]["child"]["kl"] > 0 and report["two"]["models"]["parent"]["kl"] == 0
+    assert report["one"]["engine"] == "torch" and report["two"]["engine"] == "torch, layers split over 2 ranks"
+
+
+def test_torchrun_bld_asks_for_the_split_data_stage_first(tmp_path):
+    """data.parallel=layers and no tokens cached: `torchrun ... bld` (its data preparation) says
+    which command writes them, instead of generating with the whole parent on rank 0."""
+    from puzzlenas.cli import _prepare_on_ranks
+    from puzzlenas.config import load_config
+
+    cfg = load_config(_tiny_workdir_config(tmp_path), ["data.parallel=layers"])
+    with pytest.raises(PuzzleError, match="run `torchrun --nproc-per-node N -m puzzlenas run CONFIG --only data` first"):
+        _prepare_on_ranks(cfg, tmp_path / "w", 0)

@@ -207,7 +207,8 @@ def evaluate_models(models: dict, parent_name: str, tokenizer, cfg, val_ids: tor
     speed, scenario = measure_speed(models, parent_name, cfg, paths)
     for name in results:
         results[name]["speed"] = speed[name]
-    report = {"scenario": scenario.__dict__, "engine": cfg.target.engine, "reference": parent_name,
+    engine = speed[parent_name]["engine"] if _split_ranks(parent) else cfg.target.engine
+    report = {"scenario": scenario.__dict__, "engine": engine, "reference": parent_name,
               "limit_per_task": e.limit, "ppl_max_tokens": e.ppl_max_tokens, "eval_data": data.source,
               "models": results}
     atomic_write_json(out_dir / "results.json", report)
@@ -221,6 +222,12 @@ def measure_speed(models: dict, parent_name: str, cfg, paths: dict | None = None
     from ..engines import Scenario, get_engine, speedup_stats
 
     engine = get_engine(cfg.target.engine)
+    label = engine.name
+    ranks = _split_ranks(models[parent_name])
+    if ranks:  # eval.parallel=layers: no one device holds these models, so they are timed as they run here
+        engine, label = get_engine("torch"), f"torch, layers split over {ranks} ranks"
+        log.warning("eval.parallel=layers: speed timed in puzzlenas's PyTorch model with every model's layers split "
+                    "over %d ranks (pipelined, one rank busy at a time), not in target.engine=%s", ranks, cfg.target.engine)
     sc = cfg.costs.scenario
     scenario = Scenario(sc.batch_size, sc.prompt_len, sc.generate_len)
     if engine.name == "torch":
@@ -240,9 +247,14 @@ def measure_speed(models: dict, parent_name: str, cfg, paths: dict | None = None
         ratios = speedup_stats(timings[parent_name], t)
         out[name] = {**s, "prefill_tok_s": B * P / s["prefill_s"], "decode_tok_s": B * G / s["decode_s"],
                      "prefill_speedup": ratios["prefill"]["median"], "decode_speedup": ratios["decode"]["median"],
-                     "total_speedup": ratios["total"]["median"], "spread": ratios, "engine": engine.name,
+                     "total_speedup": ratios["total"]["median"], "spread": ratios, "engine": label,
                      "rounds": t.to_dict()}
     return out, scenario
+
+
+def _split_ranks(model) -> int:
+    """The ranks a model split over by model/split.py runs on; 0 for a whole model."""
+    return getattr(model, "split_ranks", 0)
 
 
 def primary_metric(scores: dict) -> str | None:

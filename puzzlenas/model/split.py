@@ -96,6 +96,7 @@ class SplitLM(nn.Module):
     def __init__(self, split: LayerSplit, model_id: int, model, total_params: int):
         super().__init__()
         self._split, self._id, self._total = split, model_id, total_params
+        self.split_ranks = split.world  # the ranks that compute it (eval times such models split: eval.measure_speed)
         self.config = model.config
         self.generation_config = getattr(model, "generation_config", None)
         self.share = model  # registered: rank 0's parameters (the others' layers are _Dropped)
