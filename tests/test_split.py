@@ -96,8 +96,12 @@ def _tiny_workdir_config(tmp_path: Path) -> Path:
     make_tiny_tokenizer().save_pretrained(tmp_path / "parent")
     decilm = convert_parent(parent)
     save_checkpoint(assemble_child(decilm, pruned_choices(decilm.config)), tmp_path / "child")
+    # the start of WikiText-2's test file: tokenizing all of it takes 12 s per model with the tiny tokenizer
+    wiki = tmp_path / "eval-data" / "wikitext-2-raw" / "wiki.test.raw"
+    wiki.parent.mkdir(parents=True)
+    wiki.write_text((SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").read_text()[:4000])
     raw = {"parent": str(tmp_path / "parent"), "data": {"seq_len": 32, "generate_sequences": 24, "val_sequences": 8},
-           "eval": {"task_data_dir": str(SHARED_DATA), "tasks": [], "ppl_context": 64, "ppl_max_tokens": 256,
+           "eval": {"task_data_dir": str(tmp_path / "eval-data"), "tasks": [], "ppl_context": 64, "ppl_max_tokens": 256,
                     "kl_sequences": 4, "batch_size": 3, "speed_repeats": 1},
            "costs": {"scenario": {"batch_size": 1, "prompt_len": 8, "generate_len": 4}}, "target": {"engine": "torch"}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))

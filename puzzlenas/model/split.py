@@ -144,6 +144,7 @@ class LayerSplit:
         self.group = dist.new_group(timeout=TIMEOUT)
         self.parts: dict[int, _Part] = {}
         self._next_id = 0
+        self._busy = False  # rank 0 inside a call the other ranks take part in
 
     # --- rank 0 --------------------------------------------------------------------------------
 
@@ -151,9 +152,12 @@ class LayerSplit:
         """Split `model` (rank 0's copy, on the CPU) over the ranks; the others load `key`. Rank 0's
         copy loses the layers it does not hold."""
         model_id = self._next_id
+        self._busy = True
         self._send_header(_LOAD, model_id)
         dist.broadcast_object_list([key], 0, group=self.group)
-        return SplitLM(self, model_id, model, self._place(model_id, model))
+        total = self._place(model_id, model)
+        self._busy = False
+        return SplitLM(self, model_id, model, total)
 
     def load(self, key: str) -> SplitLM:
         """The model `loader(key)` gives, loaded and split over the ranks."""
@@ -165,8 +169,10 @@ class LayerSplit:
         self.parts.pop(model._id)
 
     def stop(self) -> None:
-        """Let the servers return (call once, last)."""
-        self._send_header(_STOP, 0)
+        """Let the servers return (call once, last). Not after a call that failed half-way: the
+        others wait inside it, and torchrun ends them when rank 0 exits with the error."""
+        if not self._busy:
+            self._send_header(_STOP, 0)
 
     def forward(self, model_id: int, ids: torch.Tensor, attention_mask, cache, use_cache: bool, keep: int):
         part = self.parts[model_id]
@@ -187,10 +193,12 @@ class LayerSplit:
         mode = _GO_ON if cache is not None else _NEW_CACHE if use_cache else _NO_CACHE
         past = cache.length if cache is not None else 0
         mask = None if attention_mask is None else attention_mask.to(self.device, torch.long)
+        self._busy = True
         header = self._send_header(_FORWARD, model_id, B, T, past, 0 if mask is None else mask.shape[1], mode, keep)
         if mask is not None:
             dist.broadcast(mask.contiguous(), 0, group=self.group)
         logits = self._run(part, header, ids.to(self.device), mask)
+        self._busy = False
         if mode == _NEW_CACHE:
             cache = SplitCache(model_id, part.generation)
             part.given = (given, cache) if given is not None else None
