@@ -48,7 +48,7 @@ def load_context(cfg: PuzzleConfig, workdir: Path, device: torch.device | None =
     workdir.mkdir(parents=True, exist_ok=True)
     parent, tokenizer, fp = prepare_parent(cfg.parent, workdir)
     if _split is not None:  # torchrun, data/eval.parallel=layers: the parent is rank 0's SplitLM from here on
-        parent = _split.share(parent, _parent_key(cfg.parent))
+        parent = _split.share(parent, f"parent={cfg.parent}")
     data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
     parent.to(device or pick_device())
     return Context(parent, tokenizer, fp, data)
@@ -59,13 +59,10 @@ def load_context(cfg: PuzzleConfig, workdir: Path, device: torch.device | None =
 _split = None  # rank 0's model.split.LayerSplit while run_split runs a stage, else None
 
 
-def _parent_key(parent: str) -> str:
-    return f"parent={parent}"
-
-
 def load_split_model(key: str, workdir: Path):
     """A model as rank 0 names it to the other ranks: "parent=SOURCE" (prepare_parent, from the
-    work directory's converted copy that rank 0 made first) or "checkpoint=FOLDER"."""
+    work directory's converted copy that rank 0 made first), "checkpoint=FOLDER" (a DeciLM
+    checkpoint) or "convert=FOLDER" (a Llama-family folder, converted as `puzzlenas eval` does)."""
     from .checkpoint.io import load_checkpoint
     from .checkpoint.parent import prepare_parent
 

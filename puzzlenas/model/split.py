@@ -21,13 +21,17 @@ Ranks > 0 run `serve()` until rank 0 calls `stop()`. One call of a SplitLM:
   3. the last applies the final norm and LM head and sends the (B, T, V) logits to rank 0
 The tensors are those one process computes, layer for layer: in fp32 the logits are equal bit
 for bit (tests/test_split.py). Decoding: every rank keeps the KV cache of its own layers
-(DecilM's cache_index is the layer's place among all attention layers, so a rank's cache simply
+(DeciLM's cache_index is the layer's place among all attention layers, so a rank's cache simply
 leaves the others' slots empty); rank 0 gets a SplitCache handle that stands for all of them.
 
-Rank 0 may spend hours between two calls (tokenizing, lm-eval's task set-up, evaluating a child on
-its own), so the messages go over a process group of their own with a long timeout, not the
-default group's 30 minutes. A failure on rank 0 still ends the servers: its `stop()` runs in a
-`finally`, and torchrun ends the other workers of a failed one.
+Rank 0 may spend hours between two calls (tokenizing, lm-eval's task set-up), so the messages go
+over a process group of their own with a long timeout, not the default group's 30 minutes. A
+failure on rank 0 still ends the servers: its `stop()` runs in a `finally` (unless the failure
+came half-way through a call), and torchrun ends the other workers of a failed one.
+
+What a SplitLM does not do: transformers' `generate()` (so lm-eval tasks that generate text, none
+of the shipped ones), `position_ids`, `inputs_embeds`, `labels` (a TypeError names them), and
+more than one KV cache per model at a time.
 
 The split saves device memory only: each rank reads the whole model into host RAM (as the
 checkpoint loader gives it) before dropping the layers it does not hold.
