@@ -51,7 +51,8 @@ def place_parent(cfg, parent) -> LayerPipeline | None:
     pipeline = None
     if cfg.score.parallel == "layers":
         pipeline = LayerPipeline(parent, setting="score.parallel=layers")
-        total = sum(p.numel() for p in parent.parameters())
+        loaded = getattr(parent, "loaded_part", None)  # read in part (cli: bld.pipeline.parent_part): nothing to drop
+        total = loaded.whole_params if loaded else sum(p.numel() for p in parent.parameters())
         # before the move: the device holds this rank's layers only, the embedding only on the
         # first rank, the LM head only on the last (tied, the one matrix stays where either is used)
         pipeline.drop_others(parent)
@@ -59,9 +60,9 @@ def place_parent(cfg, parent) -> LayerPipeline | None:
             parent.model.embed_tokens = None
         if rank < world - 1:
             parent.lm_head = None
-        log.info("score.parallel=layers: rank %d holds layers %d-%d%s%s: %.2fM of the parent's %.2fM parameters",
+        log.info("score.parallel=layers: rank %d holds layers %d-%d%s%s: %s of the parent's %s parameters",
                  rank, pipeline.lo, pipeline.hi - 1, " + embedding" * (rank == 0), " + LM head" * (rank == world - 1),
-                 sum(p.numel() for p in parent.parameters()) / 1e6, total / 1e6)
+                 f"{sum(p.numel() for p in parent.parameters()):,}", f"{total:,}")
     parent.to(pick_device())
     return pipeline
 
