@@ -371,3 +371,59 @@ def test_scoring_split_over_two_ranks_equals_one_process(tmp_path):
     marker = {name: json.loads((tmp_path / name / "stages" / "score.json").read_text())["fingerprint"]
               for name in ("one", "layers")}
     assert marker["layers"] == marker["one"]
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A tiny parent's library (data + bld, one process) and the scores of one uninterrupted
+    `puzzlenas score` run on it, saving its progress after every alternative."""
+    from puzzlenas.config import load_config
+    from puzzlenas.pipeline import run_pipeline
+
+    tmp = tmp_path_factory.mktemp("score")
+    make_tiny_parent("llama").save_pretrained(tmp / "parent")
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump({"parent": str(tmp / "parent"), **SCORE_CFG}))
+    run_pipeline(load_config(tmp / "cfg.yaml"), tmp / "base", stages=["data", "bld"], progress=False)
+    args = ["score", str(tmp / "cfg.yaml"), "--quiet", "--set", "score.checkpoint_seconds=0"]
+    shutil.copytree(tmp / "base", tmp / "one")
+    finish(start_cli([*args, "--workdir", str(tmp / "one")]))
+    assert not (tmp / "one" / "scores" / "replace1.partial").exists()  # gone once the scores are written
+    return tmp, args
+
+
+def _killed_then_resumed(scored, name: str, kill_at: str, run) -> str:
+    """Score a copy of the library, SIGKILLed (PUZZLENAS_KILL_AT) right after it saved position
+    `kill_at`, then again to the end; the second run's output."""
+    tmp, args = scored
+    work = tmp / name
+    shutil.copytree(tmp / "base", work)
+    killed = run([*args, "--workdir", str(work)], env={"PUZZLENAS_KILL_AT": f"score.state:{kill_at}"})
+    out = killed.communicate(timeout=300)[0]
+    assert killed.returncode != 0, out[-3000:]
+    assert not (work / "scores" / "replace1.json").exists() and list((work / "scores" / "replace1.partial").iterdir())
+    out = finish(run([*args, "--workdir", str(work)]))
+    assert json.loads((work / "scores" / "replace1.json").read_text()) == json.loads(
+        (tmp / "one" / "scores" / "replace1.json").read_text())
+    assert not (work / "scores" / "replace1.partial").exists()
+    return out
+
+
+def test_scoring_resumes_mid_batch_after_sigkill(scored):
+    """One process killed inside its second batch (3 of 3, 3 and 2 sequences), after the 5th
+    alternative: the rerun takes up the sums, runs the parent over that batch again without
+    counting it twice, scores only what is left and writes the uninterrupted run's file."""
+    out = _killed_then_resumed(scored, "killed", "batch=1 done=5;", lambda a, env=None: start_cli(a, env=env))
+    n = len(json.loads((scored[0] / "one" / "scores" / "replace1.json").read_text())["scores"])
+    ran = re.search(r"scoring: (\d+) of (\d+) alternative runs done in this run, (\d+) taken up", out)
+    runs, total, restored = map(int, ran.groups())
+    assert f"resuming scoring at batch 1, alternative 5 of {total // 3}" in out
+    assert restored == total // 3 + 5 and runs == total - restored and total < 3 * n
+
+
+def test_layer_split_scoring_resumes_after_sigkill(scored):
+    """score.parallel=layers killed when the last rank (it holds the sums) saved batch 2's first
+    alternative: both ranks walk on from there and the file is one process's, byte for byte."""
+    out = _killed_then_resumed(scored, "layers", "batch=2 done=1;",
+                               lambda a, env=None: torchrun([*a, "--set", "score.parallel=layers"], env=env))
+    assert "resuming scoring at batch 2, alternative 1 of" in out
+    assert re.search(r"scoring: \d+ of \d+ alternative runs done in this run, \d+ taken up", out)
