@@ -420,10 +420,12 @@ def test_scoring_resumes_mid_batch_after_sigkill(scored):
     assert restored == total // 3 + 5 and runs == total - restored and total < 3 * n
 
 
-def test_layer_split_scoring_resumes_after_sigkill(scored):
-    """score.parallel=layers killed when the last rank (it holds the sums) saved batch 2's first
-    alternative: both ranks walk on from there and the file is one process's, byte for byte."""
-    out = _killed_then_resumed(scored, "layers", "batch=2 done=1;",
-                               lambda a, env=None: torchrun([*a, "--set", "score.parallel=layers"], env=env))
+@pytest.mark.parametrize("parallel", ["layers", "alternatives"])
+def test_scoring_under_torchrun_resumes_after_sigkill(scored, parallel):
+    """Two ranks killed when a state file reached batch 2's first alternative. score.parallel=layers:
+    the last rank holds the sums and the file, and every rank walks on from its position;
+    =alternatives: each rank its own share and file. Both end with one process's file."""
+    out = _killed_then_resumed(scored, parallel, "batch=2 done=1;",
+                               lambda a, env=None: torchrun([*a, "--set", f"score.parallel={parallel}"], env=env))
     assert "resuming scoring at batch 2, alternative 1 of" in out
     assert re.search(r"scoring: \d+ of \d+ alternative runs done in this run, \d+ taken up", out)
