@@ -487,21 +487,21 @@ def host_bytes_per_rank(arch: Arch, ranks: int, split: bool, head: bool) -> list
 
 
 def host_ram_lines(plan: Plan) -> list[str]:
-    """The plan's host-RAM lines: per torchrun rank and over all ranks, stage by stage."""
+    """The plan's host-RAM lines: what each torchrun rank reads of the parent, stage by stage."""
     N, cfg, whole = plan.devices, plan.cfg, plan.arch.params * LOAD_BYTES
-    lines = ["", f"host RAM, the parent as loaded (float32) before it moves to the device, {N} torchrun "
-             f"rank{'s' * (N > 1)}:"]
+    lines = ["", f"host RAM per torchrun rank ({N}) for the parent, float32 as it is loaded, before it moves to the device:"]
     for stage, split, head in (("bld", cfg.bld.parallel == "layers", False), ("score", cfg.score.parallel == "layers", True)):
         per = host_bytes_per_rank(plan.arch, N, split, head)
         if per is None:
             lines.append(f"  {stage:<6} {N} ranks for {plan.arch.num_hidden_layers} layers: the split refuses it")
-            continue
-        what = (f"its own layers only ({stage}.parallel=layers)" if split and N > 1 else "the whole parent")
-        lines.append(f"  {stage:<6} {max(per) / GiB:.1f} GiB per rank at most, {sum(per) / GiB:.1f} GiB in all: {what}")
-    lines.append(f"  gkd    {whole / GiB:.1f} GiB per rank, {N * whole / GiB:.1f} GiB in all: the whole parent on "
-                 "every rank (sharded after it loads)")
+        elif split and N > 1:
+            lines.append(f"  {stage:<6} {max(per) / GiB:.1f} GiB at most: its own layers ({stage}.parallel=layers; "
+                         f"the {N} parts add up to {sum(per) / GiB:.1f} GiB)")
+        else:
+            lines.append(f"  {stage:<6} {whole / GiB:.1f} GiB: the whole parent")
+    lines.append(f"  gkd    {whole / GiB:.1f} GiB: the whole parent, on every rank")
     lines.append(f"  first run: rank 0 converts the parent{' and generates the data' * (cfg.data.path is None)} "
-                 f"with the whole of it once ({whole / GiB:.1f} GiB)")
+                 f"with the whole of it, once ({whole / GiB:.1f} GiB)")
     return lines
 
 

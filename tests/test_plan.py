@@ -225,4 +225,4 @@ def test_host_ram_per_rank_is_what_each_rank_of_a_layer_split_reads(tmp_path):
     assert host_bytes_per_rank(arch, 4, True, True) is None  # 4 ranks for 3 layers
     cfg = load_config(ROOT / "configs" / "llama3_70b_node.yaml")
     lines = "\n".join(host_ram_lines(make_plan(cfg, parent_arch("llama-3.1-70b"), 8, 80 * GiB, "t")))
-    assert "score  35.8 GiB per rank at most, 262.8 GiB in all: its own layers only" in lines
+    assert "score  35.8 GiB at most: its own layers (score.parallel=layers; the 8 parts add up to 262.8 GiB)" in lines
