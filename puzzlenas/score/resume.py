@@ -69,6 +69,8 @@ class ScoreProgress:
             by_name = {a.name: a for a in self.order}
             totals = {by_name[name]: dict(sums) for name, sums in state["totals"].items()}
             batch, done, parent_nll, n_tokens = state["batch"], state["done"], state["parent_nll"], state["n_tokens"]
+            if set(totals) != set(self.order) or not 0 <= done < len(self.order) or batch < 0:
+                raise ValueError(f"position batch {batch}, alternative {done} or its sums do not fit the walk")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # an unreadable file: start over
             log.warning("ignoring %s: %s", self.file, exc)
             return False
