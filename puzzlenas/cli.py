@@ -182,23 +182,12 @@ def _prepare_on_ranks(cfg, workdir, rank: int, split: str | None = None):
     first = first or load(part)
     loaded = getattr(first[0], "loaded_part", None)
     if loaded is not None:
-        rss = _peak_rss()
         logging.getLogger(__name__).info(
             "%s.parallel=layers: rank %d read %s of the parent from its safetensors: %s of its %s parameters "
-            "(%.1f of %.1f MiB); holds %s; peak host RAM %s", split, rank, loaded.part.describe(),
-            f"{loaded.params:,}", f"{loaded.whole_params:,}", loaded.bytes / 2**20, loaded.whole_bytes / 2**20,
-            f"{sum(p.numel() for p in first[0].parameters()):,}", "?" if rss is None else f"{rss / 2**20:.0f} MiB")
+            "(%.1f of %.1f MiB); holds %s", split, rank, loaded.part.describe(), f"{loaded.params:,}",
+            f"{loaded.whole_params:,}", loaded.bytes / 2**20, loaded.whole_bytes / 2**20,
+            f"{sum(p.numel() for p in first[0].parameters()):,}")
     return first
-
-
-def _peak_rss() -> int | None:
-    """This process's peak resident memory in bytes (Linux, macOS), None where unknown."""
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _run_stages(args: argparse.Namespace, cfg, *stages: str) -> None:

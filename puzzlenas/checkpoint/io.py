@@ -152,8 +152,9 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None) ->
 #
 # With bld.parallel / score.parallel = layers each torchrun rank holds a contiguous range of the
 # parent's decoder layers (bld/pipeline.py). It reads only those tensors from the safetensors files,
-# one at a time, into a model built on the meta device: the whole parent never sits in host memory,
-# so eight ranks of a 70B parent need one parent's worth of RAM between them, not eight.
+# one at a time, into a model built on the meta device, so the ranks' parts add up to one parent.
+# (Loading the whole parent and then dropping layers relies on the loader leaving the dropped
+# tensors unread in the mmap; a dtype cast on load copies them all: a whole parent per rank.)
 
 
 class PartialParentError(PuzzleError):
