@@ -162,7 +162,7 @@ def cmd_bld(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    parent, tokenizer, fp, data = _prepare_on_ranks(cfg, workdir, rank)
+    parent, tokenizer, fp, data = _prepare_on_ranks(cfg, workdir, rank, "bld" if cfg.bld.parallel == "layers" else None)
     # bld.run moves the parent to the device (with bld.parallel=layers, only this rank's layers)
     library = bld.run(cfg, workdir, parent, data, fp, progress=not args.quiet)
     if rank == 0:  # the same stage markers as `puzzlenas run`, so later commands and runs build on this
@@ -175,23 +175,51 @@ def cmd_bld(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
-def _prepare_on_ranks(cfg, workdir, rank: int):
+def _prepare_on_ranks(cfg, workdir, rank: int, split: str | None = None):
     """(parent on the CPU, tokenizer, parent fingerprint, data) on every torchrun rank: rank 0
-    converts and caches them first, the others then read its cache."""
+    converts and caches them first, the others then read its cache.
+
+    split: "bld" or "score" when that stage splits the parent's layers over the ranks: each rank
+    then reads only the tensors it holds (bld.pipeline.parent_part) from the cached parent's
+    safetensors. The whole parent is loaded only on rank 0 and only to make a missing cache: the
+    converted parent, or distillation text the parent must generate."""
+    from functools import partial
+
+    from .bld.pipeline import parent_part
+    from .checkpoint.io import PartialParentError
     from .checkpoint.parent import prepare_parent
     from .data import prepare_data
-    from .training import barrier
+    from .training import barrier, rank_world
 
-    def load():
-        parent, tokenizer, fp = prepare_parent(cfg.parent, workdir)
+    part = None
+    if split is not None:
+        part = partial(parent_part, rank=rank, world=rank_world()[1], setting=f"{split}.parallel=layers",
+                       head=split == "score")
+
+    def load(part):
+        parent, tokenizer, fp = prepare_parent(cfg.parent, workdir, part=part)
         # data.parallel=layers: the tokens are cached by `torchrun ... run --only data`; generating
         # here would hold the whole parent on rank 0
         writer = _GenerateWithTheSplit(parent) if cfg.data.parallel == "layers" else parent
         return parent, tokenizer, fp, prepare_data(cfg.data, tokenizer, workdir, model=writer, model_fingerprint=fp)
 
-    first = load() if rank == 0 else None
+    first = None
+    if rank == 0:
+        try:
+            first = load(part)
+        except PartialParentError:  # the data is the parent's own text, not generated yet: the whole parent writes it
+            load(None)
+            first = load(part)
     barrier()
-    return first or load()
+    first = first or load(part)
+    loaded = getattr(first[0], "loaded_part", None)
+    if loaded is not None:
+        logging.getLogger(__name__).info(
+            "%s.parallel=layers: rank %d read %s of the parent from its safetensors: %s of its %s parameters "
+            "(%.1f of %.1f MiB); holds %s", split, rank, loaded.part.describe(), f"{loaded.params:,}",
+            f"{loaded.whole_params:,}", loaded.bytes / 2**20, loaded.whole_bytes / 2**20,
+            f"{sum(p.numel() for p in first[0].parameters()):,}")
+    return first
 
 
 class _GenerateWithTheSplit:
@@ -241,7 +269,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     rank = rank_world()[0]
     workdir = Path(args.workdir)
     t0 = time.perf_counter()
-    parent, tokenizer, fp, data = _prepare_on_ranks(cfg, workdir, rank)
+    parent, tokenizer, fp, data = _prepare_on_ranks(cfg, workdir, rank, "score" if cfg.score.parallel == "layers" else None)
     library = open_library(workdir, Context(parent, tokenizer, fp, data))
     result = score.run(cfg, workdir, parent, data, library, progress=not args.quiet)
     if rank == 0:  # the stage marker `puzzlenas run` leaves, so later commands build on it

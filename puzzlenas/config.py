@@ -150,6 +150,9 @@ class ScoreConfig(Section):
     # whole parent and scores a share of the alternatives; "layers": the parent's layers are split
     # over the ranks (for a parent too big for one device), damaged streams pass rank to rank
     parallel: Literal["alternatives", "layers"] = "alternatives"
+    # a killed run resumes mid-stage: the sums so far are saved after every batch and, inside one,
+    # after an alternative once this many seconds have passed (0: after every alternative)
+    checkpoint_seconds: float = Field(60.0, ge=0)
 
 
 class ScenarioConfig(Section):

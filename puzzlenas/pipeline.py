@@ -344,8 +344,8 @@ def stage_fingerprints(cfg: PuzzleConfig, device_name: str) -> dict[str, str]:
     # how the ranks share the parent (data.parallel, eval.parallel) does not change what a stage makes
     fp["data"] = fingerprint(cfg.parent, _without_parallel(sec("data")), cfg.seed)
     fp["bld"] = fingerprint(fp["data"], sec("init"), sec("bld"), sec("search_space"), sec("target"))
-    # how the ranks share the scoring does not change the scores
-    fp["score"] = fingerprint(fp["bld"], {k: v for k, v in sec("score").items() if k != "parallel"})
+    # how the ranks share the scoring, and how often it saves its progress, do not change the scores
+    fp["score"] = fingerprint(fp["bld"], {k: v for k, v in sec("score").items() if k not in ("parallel", "checkpoint_seconds")})
     fp["costs"] = fingerprint(cfg.parent, sec("search_space"), sec("costs"), device_name, sec("target"))
     fp["search"] = fingerprint(fp["score"], fp["costs"], sec("search"))
     fp["realize"] = fingerprint(fp["search"], cfg.gkd.solution)

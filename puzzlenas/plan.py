@@ -485,12 +485,57 @@ def format_plan(plan: Plan, formulas: bool = True) -> str:
     if bad:
         lines.append("")
         lines += [plan.advice(s) for s in bad]
+    lines += host_ram_lines(plan)
     if formulas:
         lines.append("\nthe arithmetic (GiB = 2^30 B):")
         for s in plan.stages:
             for i in s.items:
                 lines.append(f"  {s.stage:<6} {i.label:<42} {i.formula} = {g(i.bytes)}")
     return "\n".join(lines)
+
+
+# --- host RAM: the parent as each torchrun rank reads it, before it moves to the device ---------
+
+LOAD_BYTES = 4  # checkpoint.parent.prepare_parent loads the parent in float32, whatever cfg.dtype
+
+
+def host_bytes_per_rank(arch: Arch, ranks: int, split: bool, head: bool) -> list[int] | None:
+    """Bytes of the parent each of `ranks` torchrun ranks reads into host RAM: with a layer split
+    (bld/score.parallel=layers) its own layers (bld.pipeline.layer_bounds), the embedding on the
+    first rank and, with `head`, the final norm and LM head on the last (checkpoint.io.
+    load_checkpoint_part); else the whole parent on every rank. None: more ranks than layers."""
+    if not split or ranks == 1:
+        return [arch.params * LOAD_BYTES] * ranks
+    from .bld.pipeline import layer_bounds
+
+    if ranks > arch.num_hidden_layers:
+        return None
+    per = []
+    for r in range(ranks):
+        lo, hi = layer_bounds(arch.num_hidden_layers, r, ranks)
+        n = (hi - lo) * arch.layer_params + arch.embed_params * (r == 0)
+        n += (arch.embed_params + arch.hidden_size) * (head and r == ranks - 1)  # tied: the embedding read again
+        per.append(n * LOAD_BYTES)
+    return per
+
+
+def host_ram_lines(plan: Plan) -> list[str]:
+    """The plan's host-RAM lines: what each torchrun rank reads of the parent, stage by stage."""
+    N, cfg, whole = plan.devices, plan.cfg, plan.arch.params * LOAD_BYTES
+    lines = ["", f"host RAM per torchrun rank ({N}) for the parent, float32 as it is loaded, before it moves to the device:"]
+    for stage, split, head in (("bld", cfg.bld.parallel == "layers", False), ("score", cfg.score.parallel == "layers", True)):
+        per = host_bytes_per_rank(plan.arch, N, split, head)
+        if per is None:
+            lines.append(f"  {stage:<6} {N} ranks for {plan.arch.num_hidden_layers} layers: the split refuses it")
+        elif split and N > 1:
+            lines.append(f"  {stage:<6} {max(per) / GiB:.1f} GiB at most: its own layers ({stage}.parallel=layers; "
+                         f"the {N} parts add up to {sum(per) / GiB:.1f} GiB)")
+        else:
+            lines.append(f"  {stage:<6} {whole / GiB:.1f} GiB: the whole parent")
+    lines.append(f"  gkd    {whole / GiB:.1f} GiB: the whole parent, on every rank")
+    lines.append(f"  first run: rank 0 converts the parent{' and generates the data' * (cfg.data.path is None)} "
+                 f"with the whole of it, once ({whole / GiB:.1f} GiB)")
+    return lines
 
 
 def plan_for(cfg: PuzzleConfig, gpus: int | None = None, gpu_memory: str | float | None = None,

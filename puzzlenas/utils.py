@@ -21,7 +21,8 @@ def kill_point(name: str, detail: str = "") -> None:
     PUZZLENAS_KILL_AT=NAME kills at the first NAME reached; NAME:TEXT at the first whose detail
     (a path, a block name) contains TEXT. Points: atomic_write (temp file written, not yet renamed),
     checkpoint.write (new checkpoint folder written), checkpoint.swap (old folder moved aside, new
-    not yet in place), bld.save_block (before each block of BLD's final save)."""
+    not yet in place), bld.save_block (before each block of BLD's final save), score.state (scoring
+    saved its progress; detail "batch=B done=K;")."""
     spec = os.environ.get("PUZZLENAS_KILL_AT")
     if spec:
         want, _, text = spec.partition(":")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -210,13 +212,40 @@ def _records(workdir: Path) -> dict:
     return json.loads((workdir / "library" / "index.json").read_text())["blocks"]
 
 
+def _parts_read(out: str, stage: str) -> dict[int, tuple[int, int, int]]:
+    """rank -> (parameters it read from the parent's safetensors, the parent's, parameters it holds),
+    from each rank's log line (cli._prepare_on_ranks)."""
+    line = rf"{stage}\.parallel=layers: rank (\d+) read .* from its safetensors: ([\d,]+) of its ([\d,]+) parameters .*; holds ([\d,]+)"
+    return {int(r): tuple(int(n.replace(",", "")) for n in counts) for r, *counts in re.findall(line, out)}
+
+
+def _tensor_counts(parent_dir: Path) -> dict[str, int]:
+    """Parameters of the converted parent by what holds them: "embed", "layer0", ..., "norm", "head"."""
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    for f in parent_dir.glob("*.safetensors"):
+        with safe_open(f, "pt") as handle:
+            for key in handle.keys():
+                part = ("embed" if "embed_tokens" in key else "head" if key.startswith("lm_head") else
+                        f"layer{key.split('.')[2]}" if ".layers." in key else "norm")
+                counts[part] = counts.get(part, 0) + math.prod(handle.get_slice(key).get_shape())
+    return counts
+
+
 def test_bld_with_the_parents_layers_split_over_two_ranks_equals_one_rank(bld_one):
     """bld.parallel=layers: rank 0 holds layers 0-1, rank 1 layer 2 and gets its input from rank 0;
     every block equals the one a single process trains (the parent is frozen, so each block sees
     the same tensors, bit for bit)."""
     tmp, args = bld_one
-    finish(torchrun([*args, "--workdir", str(tmp / "two")]))
+    out = finish(torchrun([*args, "--workdir", str(tmp / "two")]))
     _assert_same_library(tmp / "one", tmp / "two", atol=0)
+    # each rank read only its layers from the safetensors files (rank 0 also the embedding; BLD
+    # makes no logits, so no rank reads the LM head), and holds just what it read
+    c = _tensor_counts(tmp / "one" / "parent")
+    whole = sum(c.values())
+    assert _parts_read(out, "bld") == {0: (c["embed"] + c["layer0"] + c["layer1"], whole, c["embed"] + c["layer0"] + c["layer1"]),
+                                       1: (c["layer2"], whole, c["layer2"])}
     one, two = _records(tmp / "one"), _records(tmp / "two")
     assert one.keys() == two.keys()
     assert all(rec.get("val_nmse") == two[name].get("val_nmse") for name, rec in one.items())
@@ -270,6 +299,28 @@ def test_layer_ranges_cover_the_parent_once():
         LayerPipeline(parent, 0, 4, setting="score.parallel=layers")
 
 
+def test_a_fresh_layer_split_generates_the_data_with_the_whole_parent_once(tmp_path, monkeypatch):
+    """bld.parallel=layers on a fresh work directory with self-generated data: rank 0 converts the
+    parent, finds its part cannot write the text (the first layer it lacks says so), generates it
+    with the whole parent once, then keeps its part only. Parent and data equal one process's."""
+    import puzzlenas.training as training
+    from puzzlenas.checkpoint.io import ParentPart, PartialParentError
+    from puzzlenas.cli import _prepare_on_ranks
+    from puzzlenas.config import config_from_dict
+    from puzzlenas.pipeline import load_context
+
+    make_tiny_parent("llama").save_pretrained(tmp_path / "parent")
+    cfg = config_from_dict({"parent": str(tmp_path / "parent"), **TINY_CFG})
+    monkeypatch.setattr(training, "rank_world", lambda: (0, 2))  # rank 0 of 2 (no process group: no barrier)
+    parent, _, fp, data = _prepare_on_ranks(cfg, tmp_path / "split", 0, "bld")
+    assert parent.loaded_part.part == ParentPart(0, 2, embedding=True, head=False)
+    assert parent.loaded_part.params == sum(p.numel() for p in parent.parameters()) < parent.loaded_part.whole_params
+    with pytest.raises(PartialParentError, match="layer 2 of the parent is not loaded in this process"):
+        parent(torch.zeros(1, 4, dtype=torch.long))
+    one = load_context(cfg, tmp_path / "one")
+    assert fp == one.parent_fingerprint and data.fingerprint == one.data.fingerprint
+
+
 SCORE_CFG = {**TINY_CFG,
              "search_space": {"attention": [1, "linear", "no_op"], "ffn": [1.0, 0.5, "linear", "no_op"],
                               "ffn_multiple_of": 8},
@@ -304,6 +355,12 @@ def test_scoring_split_over_two_ranks_equals_one_process(tmp_path):
     out = finish(layers)
     finish(alts)
     assert "rank 0 holds layers 0-1 + embedding:" in out and "rank 1 holds layers 2-2 + LM head:" in out
+    # each rank read only what it holds from the parent's safetensors: rank 0 its layers and the
+    # embedding, rank 1 its layer, the final norm and the LM head; together the parent, once
+    c = _tensor_counts(tmp_path / "one" / "parent")
+    whole, first, last = sum(c.values()), c["embed"] + c["layer0"] + c["layer1"], c["layer2"] + c["norm"] + c["head"]
+    assert _parts_read(out, "score") == {0: (first, whole, first), 1: (last, whole, last)}
+    assert first < whole and last < whole and first + last == whole
     scores = {name: json.loads((tmp_path / name / "scores" / "replace1.json").read_text())
               for name in ("one", "layers", "alternatives")}
     names = scores["one"]["scores"]
@@ -314,3 +371,61 @@ def test_scoring_split_over_two_ranks_equals_one_process(tmp_path):
     marker = {name: json.loads((tmp_path / name / "stages" / "score.json").read_text())["fingerprint"]
               for name in ("one", "layers")}
     assert marker["layers"] == marker["one"]
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A tiny parent's library (data + bld, one process) and the scores of one uninterrupted
+    `puzzlenas score` run on it, saving its progress after every alternative."""
+    from puzzlenas.config import load_config
+    from puzzlenas.pipeline import run_pipeline
+
+    tmp = tmp_path_factory.mktemp("score")
+    make_tiny_parent("llama").save_pretrained(tmp / "parent")
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump({"parent": str(tmp / "parent"), **SCORE_CFG}))
+    run_pipeline(load_config(tmp / "cfg.yaml"), tmp / "base", stages=["data", "bld"], progress=False)
+    args = ["score", str(tmp / "cfg.yaml"), "--quiet", "--set", "score.checkpoint_seconds=0"]
+    shutil.copytree(tmp / "base", tmp / "one")
+    finish(start_cli([*args, "--workdir", str(tmp / "one")]))
+    assert not (tmp / "one" / "scores" / "replace1.partial").exists()  # gone once the scores are written
+    return tmp, args
+
+
+def _killed_then_resumed(scored, name: str, kill_at: str, run) -> str:
+    """Score a copy of the library, SIGKILLed (PUZZLENAS_KILL_AT) right after it saved position
+    `kill_at`, then again to the end; the second run's output."""
+    tmp, args = scored
+    work = tmp / name
+    shutil.copytree(tmp / "base", work)
+    killed = run([*args, "--workdir", str(work)], env={"PUZZLENAS_KILL_AT": f"score.state:{kill_at}"})
+    out = killed.communicate(timeout=300)[0]
+    assert killed.returncode != 0, out[-3000:]
+    assert not (work / "scores" / "replace1.json").exists() and list((work / "scores" / "replace1.partial").iterdir())
+    out = finish(run([*args, "--workdir", str(work)]))
+    assert json.loads((work / "scores" / "replace1.json").read_text()) == json.loads(
+        (tmp / "one" / "scores" / "replace1.json").read_text())
+    assert not (work / "scores" / "replace1.partial").exists()
+    return out
+
+
+def test_scoring_resumes_mid_batch_after_sigkill(scored):
+    """One process killed inside its second batch (3 of 3, 3 and 2 sequences), after the 5th
+    alternative: the rerun takes up the sums, runs the parent over that batch again without
+    counting it twice, scores only what is left and writes the uninterrupted run's file."""
+    out = _killed_then_resumed(scored, "killed", "batch=1 done=5;", lambda a, env=None: start_cli(a, env=env))
+    n = len(json.loads((scored[0] / "one" / "scores" / "replace1.json").read_text())["scores"])
+    ran = re.search(r"scoring: (\d+) of (\d+) alternative runs done in this run, (\d+) taken up", out)
+    runs, total, restored = map(int, ran.groups())
+    assert f"resuming scoring at batch 1, alternative 5 of {total // 3}" in out
+    assert restored == total // 3 + 5 and runs == total - restored and total < 3 * n
+
+
+@pytest.mark.parametrize("parallel", ["layers", "alternatives"])
+def test_scoring_under_torchrun_resumes_after_sigkill(scored, parallel):
+    """Two ranks killed when a state file reached batch 2's first alternative. score.parallel=layers:
+    the last rank holds the sums and the file, and every rank walks on from its position;
+    =alternatives: each rank its own share and file. Both end with one process's file."""
+    out = _killed_then_resumed(scored, parallel, "batch=2 done=1;",
+                               lambda a, env=None: torchrun([*a, "--set", f"score.parallel={parallel}"], env=env))
+    assert "resuming scoring at batch 2, alternative 1 of" in out
+    assert re.search(r"scoring: \d+ of \d+ alternative runs done in this run, \d+ taken up", out)

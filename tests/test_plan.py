@@ -228,3 +228,24 @@ def test_gkd_memory_per_sequence_matches_a_real_run(tmp_path):
     plan = make_plan(cfg, Arch(256, 688, 2, 4, 2, 32000, False), 1, 1e12, "cpu", cuda=False)
     per_sequence = next(s for s in plan.stages if s.stage == "gkd").batch[2]
     assert 0.75 < per_sequence / measured < 1.25, (per_sequence, measured, peaks)
+
+
+def test_host_ram_per_rank_is_what_each_rank_of_a_layer_split_reads(tmp_path):
+    """The plan's host RAM per rank of a layer split is, byte for byte, what each rank reads from the
+    parent's safetensors (checkpoint.io.load_checkpoint_part); without the split, the whole parent."""
+    from puzzlenas.bld.pipeline import parent_part
+    from puzzlenas.checkpoint import save_checkpoint
+    from puzzlenas.checkpoint.io import load_checkpoint_part
+    from puzzlenas.checkpoint.io import load_config as load_parent_config
+    from puzzlenas.plan import host_bytes_per_rank, host_ram_lines
+
+    save_checkpoint(convert_parent(make_tiny_parent("llama")), tmp_path / "p")
+    arch, config = parent_arch(str(tmp_path / "p")), load_parent_config(tmp_path / "p")
+    for head in (False, True):  # bld, score
+        read = [load_checkpoint_part(tmp_path / "p", parent_part(config, r, 2, "t", head)).loaded_part for r in range(2)]
+        assert host_bytes_per_rank(arch, 2, True, head) == [x.bytes for x in read]
+    assert host_bytes_per_rank(arch, 2, False, True) == [read[0].whole_bytes] * 2
+    assert host_bytes_per_rank(arch, 4, True, True) is None  # 4 ranks for 3 layers
+    cfg = load_config(ROOT / "configs" / "llama3_70b_node.yaml")
+    lines = "\n".join(host_ram_lines(make_plan(cfg, parent_arch("llama-3.1-70b"), 8, 80 * GiB, "t")))
+    assert "score  35.8 GiB at most: its own layers (score.parallel=layers; the 8 parts add up to 262.8 GiB)" in lines

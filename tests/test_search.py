@@ -171,6 +171,40 @@ def test_parent_blocks_score_zero_and_parent_scored_against_itself():
                                     "agreement": 1.0}
 
 
+def test_scoring_resumed_from_any_saved_position_equals_an_uninterrupted_run(tmp_path, caplog):
+    """Stopped right after it saved any of its 9 positions (3 batches x 3 alternatives, resume.py),
+    then called afresh: the run takes up the sums, runs only what is left and returns the
+    uninterrupted run's metrics exactly. A state saved with another batch size is ignored."""
+    from puzzlenas.score.resume import ScoreProgress
+
+    parent = convert_parent(make_tiny_parent("llama"))
+    ids = torch.randint(0, 99, (5, 16), generator=torch.Generator().manual_seed(0))
+    alts = [Alternative(1, "attention", "no_op"), Alternative(2, "ffn", "no_op"), Alternative(0, "ffn", "no_op")]
+    whole = score_alternatives(parent, None, alts, ids, batch_size=2, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    class Stopped(ScoreProgress):  # a kill right after the state file reached position `stop`
+        def save(self):
+            super().save()
+            if self.position() == self.stop:
+                raise Stop
+
+    for stop in range(1, 9):
+        stopped = Stopped(tmp_path / str(stop), "t", "key", every_s=0)
+        stopped.stop = stop
+        with pytest.raises(Stop):
+            score_alternatives(parent, None, alts, ids, 2, False, stopped)
+        again = ScoreProgress(tmp_path / str(stop), "t", "key", every_s=0)
+        assert score_alternatives(parent, None, alts, ids, 2, False, again) == whole
+        assert again.start == divmod(stop, 3) and again.ran == 9 - stop
+    other = ScoreProgress(tmp_path / "4", "t", "key", every_s=0)
+    assert score_alternatives(parent, None, alts, ids, 3, False, other) == score_alternatives(
+        parent, None, alts, ids, batch_size=3, progress=False)
+    assert other.ran == 6 and "written for other alternatives, data or batch size" in caplog.text
+
+
 # --- costs --------------------------------------------------------------------------------
 
 

@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node 2 -m puzzlenas bld CONFIG --workdir W --set bld.parallel=layers
 
-Rank r keeps only its contiguous range of the parent's decoder layers (the others are dropped
-before the parent moves to the device), receives the residual stream entering its first layer
+Rank r keeps only its contiguous range of the parent's decoder layers (under torchrun it reads
+only those from the parent's safetensors files, parent_part; a parent loaded whole drops the
+others before it moves to the device), receives the residual stream entering its first layer
 from rank r-1, runs its layers (handing each layer's alternatives their inputs and targets, as
 one process does) and sends the stream leaving its last layer to rank r+1. The parent is frozen,
 so what a rank receives does not depend on what the others train: every alternative sees exactly
@@ -24,16 +25,26 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.io import NotLoaded, ParentPart
 from ..errors import PuzzleError
 from ..library.init import trace_parent
 from ..training import rank_world
 
 
-class _Dropped(torch.nn.Module):
-    """A layer another rank holds: no weights here; trace_parent passes the stream through it."""
+def layer_bounds(n: int, rank: int, world: int, setting: str = "bld.parallel=layers") -> tuple[int, int]:
+    """Rank `rank`'s contiguous range lo..hi-1 of a parent's `n` layers split over `world` ranks."""
+    if world > n:
+        raise PuzzleError(f"{setting}: {world} torchrun processes for a parent of {n} layers; use at most {n}")
+    bounds = [round(n * i / world) for i in range(world + 1)]
+    return bounds[rank], bounds[rank + 1]
 
-    self_attn = None
-    mlp = None
+
+def parent_part(config, rank: int, world: int, setting: str, head: bool) -> ParentPart:
+    """The tensors rank `rank` reads of a parent (DeciLMConfig `config`) split over `world` ranks:
+    its layers, the embedding on the first rank (the only one that embeds tokens), and with `head`
+    (scoring compares logits; BLD never makes any) the final norm and LM head on the last."""
+    lo, hi = layer_bounds(config.num_hidden_layers, rank, world, setting)
+    return ParentPart(lo, hi, embedding=rank == 0, head=head and rank == world - 1)
 
 
 class LayerPipeline:
@@ -48,13 +59,8 @@ class LayerPipeline:
                  setting: str = "bld.parallel=layers"):
         r, w = rank_world()
         self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
-        n = parent.config.num_hidden_layers
-        if self.world > n:
-            raise PuzzleError(f"{setting}: {self.world} torchrun processes for a parent of {n} layers; "
-                              f"use at most {n}")
-        bounds = [round(n * i / self.world) for i in range(self.world + 1)]
-        self.lo, self.hi = bounds[self.rank], bounds[self.rank + 1]
-        self.dtype = parent.model.embed_tokens.weight.dtype
+        self.lo, self.hi = layer_bounds(parent.config.num_hidden_layers, self.rank, self.world, setting)
+        self.dtype = next(parent.parameters()).dtype  # a parent read in part may lack the embedding
 
     def owns(self, layer: int) -> bool:
         return self.lo <= layer < self.hi
@@ -63,7 +69,7 @@ class LayerPipeline:
         """Free the layers other ranks hold (call before moving the parent to the device)."""
         for i in range(len(parent.model.layers)):
             if not self.owns(i):
-                parent.model.layers[i] = _Dropped()
+                parent.model.layers[i] = NotLoaded(f"layer {i}")
 
     def recv(self, parent, input_ids: torch.Tensor) -> torch.Tensor:
         """The (B, T, C) residual stream rank-1 sends for the sequences `input_ids` (B, T)."""

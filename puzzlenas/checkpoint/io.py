@@ -9,6 +9,7 @@ because `register_for_auto_class` makes transformers copy `modeling_decilm.py` a
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,127 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None) ->
         model = DeciLMForCausalLM.from_pretrained(path, config=config, **kwargs)
     except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
         raise PuzzleError(f"could not load {path}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+# --- one process's part of a parent split by layers -------------------------------------------
+#
+# With bld.parallel / score.parallel = layers each torchrun rank holds a contiguous range of the
+# parent's decoder layers (bld/pipeline.py). It reads only those tensors from the safetensors files,
+# one at a time, into a model built on the meta device, so the ranks' parts add up to one parent.
+# (Loading the whole parent and then dropping layers relies on the loader leaving the dropped
+# tensors unread in the mmap; a dtype cast on load copies them all: a whole parent per rank.)
+
+
+class PartialParentError(PuzzleError):
+    """A computation reached a part of the parent this process did not load."""
+
+
+@dataclass(frozen=True)
+class ParentPart:
+    """What one process of a layer split holds: decoder layers lo..hi-1, the embedding if
+    `embedding`, the final norm and LM head if `head` (with tied embeddings the head is the
+    embedding's matrix, read again where the head is kept)."""
+
+    lo: int
+    hi: int
+    embedding: bool
+    head: bool
+
+    def keeps(self, name: str) -> bool:
+        """Whether the tensor `name` of a DeciLMForCausalLM state dict is part of this process's share."""
+        if name.startswith("model.layers."):
+            return self.lo <= int(name.split(".")[2]) < self.hi
+        if name.startswith("model.embed_tokens."):
+            return self.embedding
+        return self.head  # model.norm.*, lm_head.*
+
+    def describe(self) -> str:
+        return f"layers {self.lo}-{self.hi - 1}" + " + embedding" * self.embedding + " + final norm and LM head" * self.head
+
+
+@dataclass(frozen=True)
+class LoadedPart:
+    """What load_checkpoint_part read: parameters and bytes held (in the loaded dtype), of the whole parent's."""
+
+    part: ParentPart
+    params: int
+    bytes: int
+    whole_params: int
+    whole_bytes: int
+
+
+class NotLoaded(torch.nn.Module):
+    """A part of the parent another process holds (a decoder layer, the embedding, the final norm or
+    the LM head): no weights. library.init.trace_parent passes the stream through a layer it
+    stands for unchanged (no attention, no FFN); calling it is an error that names it."""
+
+    self_attn = None
+    mlp = None
+
+    def __init__(self, what: str = "this part"):
+        super().__init__()
+        self.what = what
+
+    def forward(self, *args, **kwargs):
+        raise PartialParentError(f"{self.what} of the parent is not loaded in this process (the parent's layers are "
+                                 "split over the torchrun ranks)")
+
+
+def load_checkpoint_part(path: str | Path, part: ParentPart, dtype: str | torch.dtype | None = None) -> DeciLMForCausalLM:
+    """The DeciLM checkpoint at `path` with only the tensors `part` keeps: each read on its own
+    from the safetensors files (safe_open(...).get_tensor, never a pickle), into a model built on
+    the meta device. What it does not keep (layers, embedding, final norm and LM head) is a
+    NotLoaded placeholder. `model.loaded_part` (a LoadedPart) says what was read."""
+    path = Path(path)
+    config = load_config(path)  # also checks every safetensors header
+    dtype = parse_dtype(dtype) if dtype is not None else None
+    with torch.device("meta"):
+        model = DeciLMForCausalLM(config)
+    where, whole = {}, 0  # stored tensor name -> its file; the whole parent's parameter count
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as handle:
+            for key in handle.keys():
+                where[key] = f
+                whole += math.prod(handle.get_slice(key).get_shape())
+    wanted = {}  # state-dict name -> stored name
+    for name in model.state_dict():
+        if not part.keeps(name):
+            continue
+        stored = name
+        if name not in where and name == "lm_head.weight" and config.tie_word_embeddings:
+            stored = "model.embed_tokens.weight"  # tied: saved once, as the embedding
+        if stored not in where:
+            raise PuzzleError(f"{path}: no tensor {stored!r} in its safetensors files")
+        wanted[name] = stored
+    state = {}
+    for f in sorted({where[s] for s in wanted.values()}):
+        with safe_open(f, "pt") as handle:
+            read = {}
+            for name, stored in wanted.items():
+                if where[stored] == f:
+                    if stored not in read:
+                        t = handle.get_tensor(stored)
+                        read[stored] = t if dtype is None else t.to(dtype)
+                    state[name] = read[stored]
+    model.load_state_dict(state, strict=False, assign=True)
+    if "lm_head.weight" in state and "model.embed_tokens.weight" in state and config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # one matrix, as a whole tied model holds it
+    for i in range(config.num_hidden_layers):
+        if not part.lo <= i < part.hi:
+            model.model.layers[i] = NotLoaded(f"layer {i}")
+    if not part.embedding:
+        model.model.embed_tokens = NotLoaded("the embedding")
+    if not part.head:
+        model.model.norm = NotLoaded("the final norm")
+        model.lm_head = NotLoaded("the LM head")
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a tensor of the part that no file held
+        raise PuzzleError(f"{path}: {left[0]} was not read from its safetensors files")
+    held = list(model.parameters())  # a tied matrix once
+    element = held[0].element_size() if held else 4
+    model.loaded_part = LoadedPart(part, sum(p.numel() for p in held), sum(p.numel() * p.element_size() for p in held),
+                                   whole, whole * element)
     return model.eval()
 
 

@@ -103,7 +103,7 @@ class SplitLM(nn.Module):
         self.split_ranks = split.world  # the ranks that compute it (eval times such models split: eval.measure_speed)
         self.config = model.config
         self.generation_config = getattr(model, "generation_config", None)
-        self.share = model  # registered: rank 0's parameters (the others' layers are _Dropped)
+        self.share = model  # registered: rank 0's parameters (the layers other ranks hold are NotLoaded)
 
     @property
     def device(self) -> torch.device:

@@ -14,6 +14,9 @@ workdir.ScoreSet.
 
 Under torchrun `score.parallel` deals the alternatives over the ranks, or splits the parent's
 layers over them (pipeline.py); the scores are the same.
+
+A killed run resumes where it stopped, inside a batch too, with the same result (resume.py):
+scores/replace1.partial/ holds the sums so far until replace1.json is written.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from ..utils import fingerprint
 from ..workdir import SCORES, ScoreSet, read_scores, write_scores
 from .pipeline import gather_scores, place_parent, score_split
 from .replace import compare_logits, leave_layer, load_blocks, mean_metrics, run_tail, to_run
+from .resume import ScoreProgress, clear_partial
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +56,25 @@ def damage(metrics: dict, metric: str) -> float:
 
 @torch.no_grad()
 def score_alternatives(parent, library: Library | None, alternatives: list[Alternative], ids: torch.Tensor,
-                       batch_size: int = 4, progress: bool = True) -> dict[str, dict]:
-    """Replace-1-block metrics for `alternatives` on token sequences `ids` (N, T)."""
+                       batch_size: int = 4, progress: bool = True, state: ScoreProgress | None = None) -> dict[str, dict]:
+    """Replace-1-block metrics for `alternatives` on token sequences `ids` (N, T). `state`: where a
+    killed run got to (resume.py), taken up and kept up to date."""
     device = next(parent.parameters()).device
     todo = to_run(alternatives, parent.config)
     blocks = load_blocks(parent, library, todo)
     totals = {a: {"kl": 0.0, "nll": 0.0, "agree": 0, "n": 0} for a in todo}
-    parent_nll, n_tokens = 0.0, 0
     by_layer: dict[int, list[Alternative]] = {}
     for a in todo:
         by_layer.setdefault(a.layer, []).append(a)
-    bar = tqdm(total=len(todo) * ((len(ids) + batch_size - 1) // batch_size), desc="scoring", unit="alt",
+    order = [a for _, alts in sorted(by_layer.items()) for a in alts]  # the walk in every batch
+    batches = (len(ids) + batch_size - 1) // batch_size
+    state = state or ScoreProgress()
+    state.begin(order, totals, batch_size, batches)
+    parent_nll, n_tokens = state.parent_nll, state.n_tokens
+    bar = tqdm(total=len(order) * batches, initial=state.position(), desc="scoring", unit="alt",
                disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(ids), batch_size):
-        batch = ids[start : start + batch_size].to(device)
+    for b in range(state.batch, batches):
+        batch = ids[b * batch_size : (b + 1) * batch_size].to(device)
         labels = batch[:, 1:].flatten()
         model = parent.model
         traced = list(trace_parent(parent, batch))
@@ -75,17 +84,20 @@ def score_alternatives(parent, library: Library | None, alternatives: list[Alter
         h = last_in + last_out  # leaving the last layer
         parent_logits = parent.lm_head(model.norm(h))[:, :-1].flatten(0, 1)
         parent_logp = F.log_softmax(parent_logits.float(), dim=-1)
-        parent_nll += F.nll_loss(parent_logp, labels, reduction="sum").item()
-        n_tokens += labels.numel()
-        for layer_idx, alts in sorted(by_layer.items()):
-            h_attn, h_ffn = entering[layer_idx]
-            for a in alts:
-                h2 = leave_layer(model.layers[layer_idx], a, blocks.get(a), h_attn, h_ffn, pe)
-                logits = run_tail(parent, h2, layer_idx + 1, pe)[:, :-1].flatten(0, 1)
-                m = compare_logits(parent_logp, logits, labels)
-                for k in totals[a]:
-                    totals[a][k] += m[k]
-                bar.update(1)
+        if not state.parent_counted(b):
+            parent_nll += F.nll_loss(parent_logp, labels, reduction="sum").item()
+            n_tokens += labels.numel()
+        for j, a in enumerate(order):
+            if state.skips(b, j):
+                continue
+            h_attn, h_ffn = entering[a.layer]
+            h2 = leave_layer(model.layers[a.layer], a, blocks.get(a), h_attn, h_ffn, pe)
+            logits = run_tail(parent, h2, a.layer + 1, pe)[:, :-1].flatten(0, 1)
+            m = compare_logits(parent_logp, logits, labels)
+            for k in totals[a]:
+                totals[a][k] += m[k]
+            bar.update(1)
+            state.advance(b, j, parent_nll, n_tokens)
     bar.close()
     return summarize(alternatives, totals, parent_nll, n_tokens)
 
@@ -118,25 +130,36 @@ def run(cfg, workdir: str | Path, parent, data, library: Library, progress: bool
         raise PuzzleError(f"the library lacks {len(missing)} blocks (first: {missing[0]}); run `puzzlenas bld` first")
     ids = data.val[: cfg.score.sequences]
     key = fingerprint(library_fingerprint(library), data.fingerprint, cfg.score.sequences, ids.shape)
+    rank, world = rank_world()
     if out_file.is_file():
         with contextlib.suppress(PuzzleError):  # an unreadable file is scored again
             cached = read_scores(workdir)
             if cached.fingerprint == key and set(cached.scores) >= {a.name for a in alternatives}:
+                if rank == 0:
+                    clear_partial(workdir)  # left by a run killed after it wrote the scores
                 return cached
-    rank, world = rank_world()
     pipeline = place_parent(cfg, parent)  # torchrun: onto this rank's device, with score.parallel=layers split
-    if pipeline is not None:
+    # mid-stage resume (resume.py): each writer's sums so far, keyed to these scores' own key
+    every = cfg.score.checkpoint_seconds
+    if pipeline is not None:  # the sums live on the last rank: it alone keeps the state file
+        state = ScoreProgress(workdir if rank == world - 1 else None, f"layers-of{world}", key, every)
         scores = summarize(alternatives, *score_split(parent, library, alternatives, ids, cfg.score.batch_size,
-                                                      pipeline, progress))
+                                                      pipeline, progress, state))
     else:  # one process; or torchrun's score.parallel=alternatives: each rank every world-th alternative
         device = next(parent.parameters()).device
+        state = ScoreProgress(workdir, f"rank{rank}-of{world}", key, every)
         mine = score_alternatives(parent, library, alternatives[rank::world], ids.to(device), cfg.score.batch_size,
-                                  progress and rank == 0)
+                                  progress and rank == 0, state)
         scores = gather_scores(mine, alternatives)
+    if state.file is not None:
+        log.info("scoring: %d of %d alternative runs done in this run%s", state.ran, state.total,
+                 f", {state.total - state.ran} taken up from {state.file.name}" if state.ran < state.total else "")
     result = ScoreSet(key, library.parent_fingerprint, int(ids[:, 1:].numel()), scores)
     if rank == 0:
         write_scores(workdir, result)
     barrier()
+    if rank == 0:
+        clear_partial(workdir)
     return result
 
 

@@ -19,6 +19,9 @@ Every rank walks the alternatives in the same order, so each send meets its rece
 computes the next damaged stream while the later ones carry the last. The last rank broadcasts
 the sums. The tensors are those one process computes, layer for layer, so in fp32 the scores
 equal one process's bit for bit (tests/test_distributed.py).
+
+A killed run resumes from the last rank's state file (resume.py: it holds the sums): that rank
+broadcasts the position reached and every rank skips the same alternatives.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ..library.store import Library
 from ..training import rank_world
 from ..utils import pick_device
 from .replace import compare_logits, leave_layer, load_blocks, run_tail, to_run
+from .resume import ScoreProgress
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,8 @@ def place_parent(cfg, parent) -> LayerPipeline | None:
     pipeline = None
     if cfg.score.parallel == "layers":
         pipeline = LayerPipeline(parent, setting="score.parallel=layers")
-        total = sum(p.numel() for p in parent.parameters())
+        loaded = getattr(parent, "loaded_part", None)  # read in part (cli: bld.pipeline.parent_part): nothing to drop
+        total = loaded.whole_params if loaded else sum(p.numel() for p in parent.parameters())
         # before the move: the device holds this rank's layers only, the embedding only on the
         # first rank, the LM head only on the last (tied, the one matrix stays where either is used)
         pipeline.drop_others(parent)
@@ -59,9 +64,9 @@ def place_parent(cfg, parent) -> LayerPipeline | None:
             parent.model.embed_tokens = None
         if rank < world - 1:
             parent.lm_head = None
-        log.info("score.parallel=layers: rank %d holds layers %d-%d%s%s: %.2fM of the parent's %.2fM parameters",
+        log.info("score.parallel=layers: rank %d holds layers %d-%d%s%s: %s of the parent's %s parameters",
                  rank, pipeline.lo, pipeline.hi - 1, " + embedding" * (rank == 0), " + LM head" * (rank == world - 1),
-                 sum(p.numel() for p in parent.parameters()) / 1e6, total / 1e6)
+                 f"{sum(p.numel() for p in parent.parameters()):,}", f"{total:,}")
     parent.to(pick_device())
     return pipeline
 
@@ -79,21 +84,29 @@ def gather_scores(mine: dict[str, dict], alternatives: list[Alternative]) -> dic
 
 @torch.no_grad()
 def score_split(parent, library: Library, alternatives: list[Alternative], ids: torch.Tensor, batch_size: int,
-                pipeline: LayerPipeline, progress: bool = True) -> tuple[dict, float, int]:
+                pipeline: LayerPipeline, progress: bool = True, state: ScoreProgress | None = None
+                ) -> tuple[dict, float, int]:
     """score_alternatives' sums with the parent's layers split over the ranks (module doc): per
     alternative run {kl, nll, agree, n}, the parent's NLL and the token count, for score.summarize.
-    Every rank calls it with the same arguments and gets the same sums; the last shows the progress."""
+    Every rank calls it with the same arguments and gets the same sums; the last shows the progress.
+    `state` (resume.py): on the last rank, where a killed run's sums stop; all ranks walk on from there."""
     device = next(parent.parameters()).device
     last = pipeline.world - 1
     todo = sorted(to_run(alternatives, parent.config), key=lambda a: a.layer)  # the order every rank walks
     blocks = load_blocks(parent, library, [a for a in todo if pipeline.owns(a.layer)])
-    here = [a for a in todo if a.layer < pipeline.hi]  # this rank's and those its stream comes from
+    here = [a for a in todo if a.layer < pipeline.hi]  # this rank's and those its stream comes from: todo's start
     totals = {a: dict.fromkeys(_SUMS, 0) for a in todo}
-    parent_nll, n_tokens = 0.0, 0
-    bar = tqdm(total=len(todo) * ((len(ids) + batch_size - 1) // batch_size), desc="scoring", unit="alt",
+    batches = (len(ids) + batch_size - 1) // batch_size
+    state = state or ScoreProgress()
+    state.begin(todo, totals, batch_size, batches)  # the last rank takes up its state file, if any
+    start = torch.tensor(state.start, dtype=torch.int64, device=device)
+    dist.broadcast(start, last)
+    state.start_at(*start.tolist())
+    parent_nll, n_tokens = state.parent_nll, state.n_tokens
+    bar = tqdm(total=len(todo) * batches, initial=state.position(), desc="scoring", unit="alt",
                disable=not progress or pipeline.rank != last, dynamic_ncols=True)
-    for start in range(0, len(ids), batch_size):
-        batch = ids[start : start + batch_size].to(device)
+    for b in range(state.batch, batches):
+        batch = ids[b * batch_size : (b + 1) * batch_size].to(device)
         labels = batch[:, 1:].flatten()
         entering = {}  # layer -> (residual entering attention, entering FFN), this rank's layers
         for i, a_in, _, f_in, f_out, pe_i in pipeline(parent, batch, set(range(pipeline.lo, pipeline.hi))):
@@ -102,9 +115,12 @@ def score_split(parent, library: Library, alternatives: list[Alternative], ids: 
         if pipeline.rank == last:
             parent_logits = parent.lm_head(parent.model.norm(h))[:, :-1].flatten(0, 1)
             parent_logp = F.log_softmax(parent_logits.float(), dim=-1)
-            parent_nll += F.nll_loss(parent_logp, labels, reduction="sum").item()
-            n_tokens += labels.numel()
-        for a in here:
+            if not state.parent_counted(b):
+                parent_nll += F.nll_loss(parent_logp, labels, reduction="sum").item()
+                n_tokens += labels.numel()
+        for j, a in enumerate(here):
+            if state.skips(b, j):  # every rank skips the same ones: each send still meets its receive
+                continue
             if pipeline.owns(a.layer):
                 h_attn, h_ffn = entering[a.layer]
                 h2 = leave_layer(parent.model.layers[a.layer], a, blocks.get(a), h_attn, h_ffn, pe)
@@ -121,6 +137,7 @@ def score_split(parent, library: Library, alternatives: list[Alternative], ids: 
             for k in _SUMS:
                 totals[a][k] += m[k]
             bar.update(1)
+            state.advance(b, j, parent_nll, n_tokens)
     bar.close()
     # the sums live on the last rank: broadcast them (float64 holds the Python floats and the counts exactly)
     sums = torch.tensor([[totals[a][k] for k in _SUMS] for a in todo] + [[parent_nll, n_tokens, 0, 0]],
