@@ -1,0 +1,112 @@
+"""More learning per CPU-second: GKD at an equal token budget, batch size x learning rate.
+
+    python benchmarks/gkd_settings.py --workdir W [--tokens 8192] [--variants 8:5e-5,8:2e-4,2:1e-4,2:3e-4]
+
+W is a work directory whose realize stage has finished (e.g. `puzzlenas run --preset quick`); its
+config.yaml is the configuration used and its chosen solution (search/selection.json) the child.
+Every variant distills that same realized child from the same batches' tokens (the same budget:
+`--tokens`), differing only in batch size (sequences per optimizer step) and peak learning rate:
+at budgets of a few thousand tokens the default (8 sequences per step) makes only a handful of
+optimizer steps. Each variant's child is measured against the parent:
+  KL val         the GKD validation KL (data.val[:eval.kl_sequences]) before and after
+  KL held-out    on the validation sequences GKD does not see, and on WikiText-2 sequences
+  WikiText-2 ppl eval.ppl_context / eval.ppl_max_tokens, from the start of the test file
+  tok/s          the variant's own training throughput (seconds in gkd's done.json; this machine,
+                 whatever else ran on it)
+Variants go to W/gkd-settings/<batch>x<lr>/; the table to W/gkd-settings.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("gkd_settings")
+
+
+def parse_variants(text: str) -> list[tuple[int, float]]:
+    out = []
+    for item in text.split(","):
+        batch, _, lr = item.partition(":")
+        out.append((int(batch), float(lr)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--tokens", type=int, default=8192, help="GKD tokens per variant")
+    ap.add_argument("--variants", default="8:5e-5,8:2e-4,2:1e-4,2:3e-4", help="batch:lr, comma-separated")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")
+
+    from puzzlenas import gkd
+    from puzzlenas.checkpoint.io import load_checkpoint
+    from puzzlenas.config import load_config
+    from puzzlenas.eval import kl_and_agreement, wikitext_perplexity
+    from puzzlenas.eval.data import resolve_eval_data
+    from puzzlenas.pipeline import context
+    from puzzlenas.realize.selection import chosen_solution, selection_sequences
+    from puzzlenas.utils import atomic_write_json, atomic_write_text
+    from puzzlenas.workdir import realized_dir
+
+    work = Path(args.workdir)
+    cfg = load_config(work / "config.yaml", args.set)
+    ctx = context(cfg, work)
+    source = work / realized_dir(chosen_solution(cfg, work))
+    held_out, sources = selection_sequences(cfg, ctx.data.val, ctx.tokenizer)
+    eval_text = resolve_eval_data(cfg.eval).wikitext_text()
+    e = cfg.eval
+
+    def measure(model) -> dict:
+        out = {f"kl_{k}": kl_and_agreement(model, ctx.parent, ids, e.batch_size)["kl"] for k, ids in held_out.items()}
+        out["ppl"] = wikitext_perplexity(model, ctx.tokenizer, eval_text, e.ppl_context, e.ppl_max_tokens,
+                                         e.batch_size)["perplexity"]
+        return out
+
+    rows = [{"variant": "parent", **measure(ctx.parent)}]
+    rows.append({"variant": "realized, no GKD", **measure(load_checkpoint(source).eval())})
+    for batch, lr in parse_variants(args.variants):
+        c = cfg.model_copy(deep=True)
+        c.gkd.tokens, c.gkd.batch_size, c.gkd.optim.lr = args.tokens, batch, lr
+        c.gkd.val_every = c.gkd.checkpoint_every = 10**6  # validation only at the start and the end
+        name = f"{batch}x{lr:g}"
+        out = work / "gkd-settings" / name
+        t0 = time.perf_counter()
+        child_dir = gkd.distill(c, source, out / "child", out / "gkd", ctx.parent, ctx.data, ctx.tokenizer,
+                                progress=not args.quiet)
+        wall = time.perf_counter() - t0
+        done = json.loads((out / "gkd" / "done.json").read_text())
+        child = load_checkpoint(child_dir).eval()
+        rows.append({"variant": name, "batch": batch, "lr": lr, "steps": done["steps"], "tokens": done["tokens"],
+                     "tok_s": done["tokens"] / done["seconds"], "wall_s": wall, "val_kl_before": done["val_kl_before"],
+                     "val_kl_after": done["val_kl_after"], **measure(child)})
+        log.info("%s: %s", name, rows[-1])
+        del child
+    kls = [k for k in rows[0] if k.startswith("kl_")]
+    head = ["GKD batch x peak lr", "steps", "tokens", "val KL before -> after", *(f"KL {k[3:]}" for k in kls),
+            "WikiText-2 ppl", "tok/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        trained = "steps" in r
+        cells = [r["variant"], str(r.get("steps", "")), str(r.get("tokens", "")),
+                 f"{r['val_kl_before']:.4f} -> {r['val_kl_after']:.4f}" if trained else "",
+                 *(f"{r[k]:.4f}" for k in kls), f"{r['ppl']:.2f}", f"{r['tok_s']:.0f}" if trained else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    what = "; ".join(f"{k}: {v.get('what', v.get('unavailable'))}" for k, v in sources.items())
+    text = (f"workdir {work}, child {source.name}, {args.tokens} GKD tokens per variant, seq_len "
+            f"{ctx.data.train.shape[1]}; held-out KL on {what}; ppl on {e.ppl_max_tokens} WikiText-2 tokens, "
+            f"context {e.ppl_context}\n\n" + "\n".join(lines))
+    atomic_write_json(work / "gkd-settings.json", {"rows": rows, "sources": sources, "tokens": args.tokens})
+    atomic_write_text(work / "gkd-settings.md", text + "\n")
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
