@@ -174,6 +174,23 @@ def test_bld_lowers_validation_nmse_and_writes_library(tiny_workdir):
     assert before == after
 
 
+def test_bld_in_passes_trains_the_same_blocks_as_all_at_once(tiny_workdir, caplog):
+    """bld.alternatives_per_pass=2: 15 alternatives in 8 passes, each over the same batches with
+    its own optimizer, so every block equals the one trained with all the others, bit for bit."""
+    tmp, _ = tiny_workdir
+    short = {**TINY_CFG, "bld": {**TINY_CFG["bld"], "tokens": 1024}}
+    _run_bld_inprocess(tmp / "all", short, tmp / "parent")
+    shutil.copytree(tmp / "all", tmp / "passes", ignore=shutil.ignore_patterns("library"))  # same parent and data
+    passes = {**short, "bld": {**short["bld"], "alternatives_per_pass": 2}}
+    with caplog.at_level("INFO", logger="puzzlenas.bld"):
+        _run_bld_inprocess(tmp / "passes", passes, tmp / "parent")
+    assert "BLD in 8 passes of at most 2 alternatives" in caplog.text
+    one, two = _library_tensors(tmp / "all"), _library_tensors(tmp / "passes")
+    assert one.keys() == two.keys() and len({k.split("/")[0] for k in one}) == 15
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert not list((tmp / "passes" / "library" / "state").glob("*.pt"))
+
+
 def test_library_refuses_another_parent(tiny_workdir):
     tmp, _ = tiny_workdir
     _run_bld_inprocess(tmp / "w", {**TINY_CFG, "bld": {**TINY_CFG["bld"], "tokens": 256}}, tmp / "parent")

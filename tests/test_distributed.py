@@ -203,7 +203,7 @@ def bld_one(tmp_path_factory):
     (tmp / "cfg.yaml").write_text(yaml.safe_dump({"parent": str(tmp / "parent"), **TINY_CFG}))
     args = ["bld", str(tmp / "cfg.yaml"), "--quiet", "--set", "bld.tokens=2048"]
     finish(start_cli([*args, "--workdir", str(tmp / "one")]))
-    for name in ("two", "killed"):  # the same converted parent and data, no library
+    for name in ("two", "killed", "passes"):  # the same converted parent and data, no library
         shutil.copytree(tmp / "one", tmp / name, ignore=shutil.ignore_patterns("library"))
     return tmp, [*args, "--set", "bld.parallel=layers"]
 
@@ -254,6 +254,16 @@ def test_bld_with_the_parents_layers_split_over_two_ranks_equals_one_rank(bld_on
     seconds = {layer: {r["train_seconds"] for r in two.values() if r["layer"] == layer and r.get("file")}
                for layer in range(3)}
     assert len(seconds[0] | seconds[1]) == 1 and len(seconds[2]) == 1
+
+
+def test_layer_split_bld_in_passes_equals_one_rank(bld_one):
+    """bld.alternatives_per_pass=4 with the layers split: rank 0 trains its 10 alternatives in 3
+    passes, rank 1 its 5 in 2 and relays rank 0's third pass with nothing of its own to train."""
+    tmp, args = bld_one
+    out = finish(torchrun([*args, "--set", "bld.alternatives_per_pass=4", "--workdir", str(tmp / "passes")]))
+    assert "BLD in 3 passes" in out and "BLD in 2 passes" in out
+    _assert_same_library(tmp / "one", tmp / "passes", atol=0)
+    assert not list((tmp / "passes" / "library" / "state").glob("*.pt"))
 
 
 def test_layer_split_bld_resumes_after_sigkill(bld_one):
