@@ -247,6 +247,9 @@ class GKDConfig(_TrainingSection):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-5))
     activation_checkpointing: bool = False  # recompute each layer in backward: less memory, ~1/3 more compute
     teacher: Literal["shard", "replicate"] = "shard"
+    # under torchrun: the student's fp32 shards, grads and AdamW state in host RAM (FSDP2 CPU
+    # offload), the device holding only the layers in flight; slower (host-device copies, CPU AdamW)
+    offload: bool = False
     kl_weight: float = Field(1.0, ge=0)
     cosine_weight: float = Field(1.0, ge=0)
     lm_weight: float = Field(0.0, ge=0)

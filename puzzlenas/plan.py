@@ -446,10 +446,13 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
     B = math.ceil(g_.batch_size / N)
     shard_t = g_.teacher == "shard" and N > 1
     ckpt_on = g_.activation_checkpointing
+    offload = g_.offload and N > 1  # FSDP2 CPU offload runs under torchrun only
     s = StagePlan("gkd", f"FSDP2 over {N} rank{'s' * (N > 1)}, teacher {'sharded' if shard_t else 'replicated'}, "
-                         f"{'checkpointed' if ckpt_on else 'stored'} activations", sharded=True)
-    s.items.append(Item("optimizer", "student (sharded)", child * 16 / N,
-                        f"{child / 1e9:.2f}B x 16 B (fp32 weights, grads, AdamW m, v) / {N}"))
+                         f"{'checkpointed' if ckpt_on else 'stored'} activations"
+                         + (", student offloaded to host RAM (gkd.offload)" if offload else ""), sharded=True)
+    if not offload:  # offloaded, the student's shards are host RAM (host_ram_lines); the gathered layers stay
+        s.items.append(Item("optimizer", "student (sharded)", child * 16 / N,
+                            f"{child / 1e9:.2f}B x 16 B (fp32 weights, grads, AdamW m, v) / {N}"))
     s.items.append(Item("weights", "teacher" + (" (sharded)" if shard_t else ""), P * bw / (N if shard_t else 1),
                         f"{P / 1e9:.2f}B x {bw} B" + (f" / {N}" if shard_t else "")))
     gather = (1 + shard_t) * 2 * arch.layer_params * gb if N > 1 else 0
@@ -581,6 +584,10 @@ def host_ram_lines(plan: Plan) -> list[str]:
         else:
             lines.append(f"  {stage:<6} {whole / GiB:.1f} GiB: the whole parent")
     lines.append(f"  gkd    {whole / GiB:.1f} GiB: the whole parent, on every rank")
+    if cfg.gkd.offload and N > 1:
+        child = min(plan.arch.params, cfg.search.memory_bytes / _bytes_of(cfg.dtype)) if cfg.search.memory_bytes else plan.arch.params
+        lines.append(f"  gkd    + {child * 16 / N / GiB:.1f} GiB: the student's fp32 shard, grads and AdamW m, v "
+                     f"(gkd.offload: {child / 1e9:.2f}B x 16 B / {N})")
     lines.append(f"  first run: rank 0 converts the parent{' and generates the data' * (cfg.data.path is None)} "
                  f"with the whole of it, once ({whole / GiB:.1f} GiB)")
     return lines

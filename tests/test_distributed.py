@@ -81,7 +81,7 @@ def gkd_runs(tmp_path_factory):
     raw = {"parent": str(tmp / "parent"), **GKD_CFG}
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(raw))
     prepare_gkd_workdir(tmp / "one", raw)
-    for name in ("two", "killed", "resharded"):  # the same parent, data and realized child
+    for name in ("two", "killed", "resharded", "offload"):  # the same parent, data and realized child
         shutil.copytree(tmp / "one", tmp / name)
     one = start_cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "one"), *OPTS])
     two = torchrun(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "two"), *OPTS])
@@ -100,6 +100,19 @@ def test_fsdp2_gkd_two_processes_match_one(gkd_runs):
     assert one[-1]["val_kl"] < 0.9 * one[0]["val_kl"]  # it trained
     assert max_weight_diff(gkd_runs / "one" / "child", gkd_runs / "two" / "child") < WEIGHT_ATOL
     assert not (gkd_runs / "two" / "gkd" / "sharded").exists()  # states are gone once the child is saved
+
+
+def test_fsdp2_gkd_with_the_student_offloaded_to_host_ram_matches_one_process(gkd_runs):
+    """gkd.offload=true (CPUOffloadPolicy): the same loss curve and child as one process."""
+    finish(torchrun(["distill", str(gkd_runs / "cfg.yaml"), "--workdir", str(gkd_runs / "offload"), *OPTS,
+                     "--set", "gkd.offload=true"]))
+    one, off = losses(gkd_runs / "one"), losses(gkd_runs / "offload")
+    assert [e["step"] for e in one] == [e["step"] for e in off]
+    for a, b in zip(one, off):
+        for key in ("kl", "cos", "val_kl"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL), (a, b)
+    assert max_weight_diff(gkd_runs / "one" / "child", gkd_runs / "offload" / "child") < WEIGHT_ATOL
 
 
 def test_sharded_checkpoint_resumes_after_sigkill(gkd_runs):

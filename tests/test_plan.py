@@ -110,6 +110,17 @@ def test_bld_in_passes_plans_one_group_and_the_advice_names_it():
                                                         8, 80 * GiB, "t").fits(shipped)
 
 
+def test_gkd_offload_moves_the_student_to_host_ram():
+    from puzzlenas.plan import format_plan
+
+    arch = parent_arch("llama-3.1-70b")
+    on, off = (load_config(ROOT / "configs" / "llama3_70b_node.yaml", [f"gkd.offload={v}"]) for v in ("true", "false"))
+    g_on, g_off = (next(x for x in make_plan(c, arch, 8, 80 * GiB, "t").stages if x.stage == "gkd") for c in (on, off))
+    assert g_on.part("optimizer") == 0 and g_off.total - g_on.total == g_off.part("optimizer") > 0
+    assert "gkd.offload" in g_on.strategy
+    assert f"+ {g_off.part('optimizer') / GiB:.1f} GiB: the student's" in format_plan(make_plan(on, arch, 8, 80 * GiB, "t"))
+
+
 def test_score_with_the_parents_layers_split_fits_where_the_whole_parent_does_not():
     cfg = load_config(ROOT / "configs" / "llama3_70b_node.yaml", ["score.parallel=alternatives"])
     arch = parent_arch(cfg.parent)
