@@ -231,6 +231,25 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_workdir):
     _assert_same_library(tmp / "ref", tmp / "killed")
 
 
+def test_bld_in_passes_killed_while_saving_a_pass_ends_like_an_uninterrupted_run(tiny_workdir):
+    """Killed while saving pass 3 (layer 0's last block saved, layer 1's first not): the rerun saves
+    that block from the pass's final state, trains the passes left, and ends with the same blocks."""
+    tmp, cfg_file = tiny_workdir
+    args = ["bld", str(cfg_file), "--quiet", "--set", "bld.tokens=1024"]
+    ref = start_cli([*args, "--workdir", str(tmp / "ref")])
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+    passes = [*args, "--set", "bld.alternatives_per_pass=2", "--workdir", str(tmp / "killed")]
+    killed = start_cli(passes, env={"PUZZLENAS_KILL_AT": "bld.save_block:layer001"})
+    assert killed.wait(timeout=600) != 0
+    assert len(list((tmp / "killed" / "library" / "blocks").glob("*.safetensors"))) == 5  # passes 1-3 less one
+    resumed = start_cli(passes)
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    assert "saving 1 blocks trained before the last run was killed" in out
+    ta, tb = _library_tensors(tmp / "ref"), _library_tensors(tmp / "killed")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def test_torchrun_two_ranks_equal_one_process(tiny_workdir):
     tmp, cfg_file = tiny_workdir
     one = start_cli(["bld", str(cfg_file), "--workdir", str(tmp / "one"), "--quiet"])
