@@ -137,6 +137,10 @@ class BLDConfig(_TrainingSection):
     parallel: Literal["alternatives", "layers"] = "alternatives"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     checkpoint_every: int = Field(50, gt=0)
+    # train each rank's alternatives in consecutive groups of this many, one full pass over the
+    # tokens per group: only one group's weights and AdamW state are on the device at a time, at
+    # the price of tracing the parent once per pass (the blocks are the same). null: all at once
+    alternatives_per_pass: int | None = Field(None, gt=0)
     # coupled BLD: these (layer, attention, ffn) pairs are also trained as one unit that imitates
     # the parent's whole layer; the search then uses the pair's own score and weights
     coupled: list[CoupledPairConfig] = Field(default_factory=list)
@@ -243,6 +247,9 @@ class GKDConfig(_TrainingSection):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-5))
     activation_checkpointing: bool = False  # recompute each layer in backward: less memory, ~1/3 more compute
     teacher: Literal["shard", "replicate"] = "shard"
+    # under torchrun: the student's fp32 shards, grads and AdamW state in host RAM (FSDP2 CPU
+    # offload), the device holding only the layers in flight; slower (host-device copies, CPU AdamW)
+    offload: bool = False
     kl_weight: float = Field(1.0, ge=0)
     cosine_weight: float = Field(1.0, ge=0)
     lm_weight: float = Field(0.0, ge=0)

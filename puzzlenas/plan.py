@@ -211,6 +211,30 @@ class Plan:
                     f"{batch * accum} sequences per step, was {was})")
         return f"set {key}={fit} (now {value})"
 
+    def _bld_passes_fix(self) -> str | None:
+        """bld.alternatives_per_pass with the fewest passes that makes bld fit (with its batch fix), or None."""
+        from .library.space import is_parent_alternative, target_alternatives
+
+        config = self.arch.decilm_config()
+        alts = [a for a in target_alternatives(self.cfg, config) if a.trainable and not is_parent_alternative(a, config)]
+        most = max((len(r) for r in bld_rank_alternatives(self.cfg, self.arch, alts, self.devices)), default=0)
+        now = self.cfg.bld.alternatives_per_pass or most
+        tried = set()
+        for passes in range(2, most + 1):
+            k = math.ceil(most / passes)
+            if k >= now or k in tried:
+                continue
+            tried.add(k)
+            cfg = self.cfg.model_copy(update={"bld": self.cfg.bld.model_copy(update={"alternatives_per_pass": k})})
+            plan = make_plan(cfg, self.arch, self.devices, self.device_bytes, self.device_name, True)
+            t = next(x for x in plan.stages if x.stage == "bld")
+            fix = plan._batch_fix(t)
+            if fix is not None:
+                peak = "" if fix else f"{t.total / GiB:.1f} GiB; "  # with a batch fix the peak is that fix's
+                return (f"set bld.alternatives_per_pass={k} ({peak}{math.ceil(most / k)} passes over "
+                        f"the BLD tokens, the parent traced once per pass){' and ' + fix if fix else ''}")
+        return None
+
     def advice(self, s: StagePlan) -> str:
         """One line: what to change so the stage fits."""
         cap = USABLE * self.device_bytes
@@ -230,14 +254,17 @@ class Plan:
         if s.stage == "eval" and self.cfg.eval.parallel == "none" and s.part("weights") > cap / 2:
             return (f"{over}: it loads the parent and 4 children on one device; set eval.parallel=layers (torchrun -m "
                     "puzzlenas run CONFIG --only eval) to split every model's layers over the ranks")
+        passes = self._bld_passes_fix() if s.stage == "bld" else None  # these devices, in passes
         if s.sharded:  # more devices: the whole plan again with 2x, 4x, ... as many
             for need in (self.devices * 2**k for k in range(1, 12)):
                 bigger = make_plan(self.cfg, self.arch, need, self.device_bytes, self.device_name, True)
                 t = next(x for x in bigger.stages if x.stage == s.stage)
                 fix = bigger._batch_fix(t)
                 if fix is not None:
-                    return (f"{over}: it needs {need} such devices (torchrun --nproc-per-node {need}, or nodes x "
-                            f"GPUs = {need}){' and ' + fix if fix else ''}")
+                    return (f"{over}: {passes + '; or ' if passes else ''}it needs {need} such devices (torchrun "
+                            f"--nproc-per-node {need}, or nodes x GPUs = {need}){' and ' + fix if fix else ''}")
+        if passes:
+            return f"{over}: {passes}"
         held = s.part("weights") + s.part("optimizer")
         if s.stage == "eval":
             return (f"{over}: it loads the parent and 4 children at once ({held / GiB:.1f} GiB); evaluate one model "
@@ -273,6 +300,17 @@ def _alt_act_width(arch: Arch, alt) -> int:
     if alt.sub == "attention":
         return arch.hidden_size + 2 * arch.q_dim + 2 * alt.size * arch.head_dim
     return arch.hidden_size + 3 * alt.size
+
+
+def bld_rank_alternatives(cfg: PuzzleConfig, arch: Arch, alts: list, ranks: int) -> list[list]:
+    """Each rank's trained alternatives in the order bld.run groups them into passes: its own
+    layers' (bld.parallel=layers), or every rank-th of them (=alternatives)."""
+    if cfg.bld.parallel != "layers" or ranks == 1:
+        return [alts[r::ranks] for r in range(ranks)]
+    from .bld.pipeline import layer_bounds
+
+    bounds = [layer_bounds(arch.num_hidden_layers, r, ranks) for r in range(min(ranks, arch.num_hidden_layers))]
+    return [[a for a in alts if lo <= a.layer < hi] for lo, hi in bounds]
 
 
 def g(x: float) -> str:
@@ -323,6 +361,7 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
     ba = _train_act_bytes(cfg.bld.dtype, cuda)
     B = cfg.bld.batch_size
     by_layer = sorted(per_layer.values(), key=lambda v: -sum(_alt_params(arch, a) for a in v))
+    K = cfg.bld.alternatives_per_pass
     if cfg.bld.parallel == "layers":
         per = math.ceil(L / N)
         T = sum(sum(_alt_params(arch, a) for a in v) for v in by_layer[:per])
@@ -340,8 +379,17 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
                       sharded=True)
         s.items.append(Item("weights", "parent", W, f"{P / 1e9:.2f}B x {bw} B"))
     widest_w, n_alts = sum(_alt_act_width(arch, a) for a in mine), len(mine)
-    s.items.append(Item("optimizer", "trained alternatives", T * 16,
-                        f"{T / 1e9:.2f}B params x 16 B (fp32 weights, grads, AdamW m and v)"))
+    if K is None:
+        s.items.append(Item("optimizer", "trained alternatives", T * 16,
+                            f"{T / 1e9:.2f}B params x 16 B (fp32 weights, grads, AdamW m and v)"))
+    else:  # only one group's weights and AdamW state on the device: the largest group of any rank
+        ranks = bld_rank_alternatives(cfg, arch, alts, N)
+        passes = max(math.ceil(len(r) / K) for r in ranks)
+        T = max((sum(_alt_params(arch, a) for a in r[i : i + K]) for r in ranks for i in range(0, len(r), K)), default=0)
+        s.strategy += f", {passes} pass{'es' * (passes > 1)} of at most {K} alternatives (bld.alternatives_per_pass)"
+        s.items.append(Item("optimizer", "one pass's alternatives", T * 16,
+                            f"{T / 1e9:.2f}B params x 16 B (fp32 weights, grads, AdamW m and v; the largest group "
+                            f"of {K}, {passes} passes, the parent traced once per pass)"))
     act_per = S * (ba * (4 * h + widest_w) + 4 * h * n_alts)
     s.items.append(Item("activations", "one layer's graphs", B * act_per,
                         f"{B} seq x {S} tok x ({ba} B x (4 x {h} traced + {widest_w} in {n_alts} alternatives) "
@@ -398,10 +446,13 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
     B = math.ceil(g_.batch_size / N)
     shard_t = g_.teacher == "shard" and N > 1
     ckpt_on = g_.activation_checkpointing
+    offload = g_.offload and N > 1  # FSDP2 CPU offload runs under torchrun only
     s = StagePlan("gkd", f"FSDP2 over {N} rank{'s' * (N > 1)}, teacher {'sharded' if shard_t else 'replicated'}, "
-                         f"{'checkpointed' if ckpt_on else 'stored'} activations", sharded=True)
-    s.items.append(Item("optimizer", "student (sharded)", child * 16 / N,
-                        f"{child / 1e9:.2f}B x 16 B (fp32 weights, grads, AdamW m, v) / {N}"))
+                         f"{'checkpointed' if ckpt_on else 'stored'} activations"
+                         + (", student offloaded to host RAM (gkd.offload)" if offload else ""), sharded=True)
+    if not offload:  # offloaded, the student's shards are host RAM (host_ram_lines); the gathered layers stay
+        s.items.append(Item("optimizer", "student (sharded)", child * 16 / N,
+                            f"{child / 1e9:.2f}B x 16 B (fp32 weights, grads, AdamW m, v) / {N}"))
     s.items.append(Item("weights", "teacher" + (" (sharded)" if shard_t else ""), P * bw / (N if shard_t else 1),
                         f"{P / 1e9:.2f}B x {bw} B" + (f" / {N}" if shard_t else "")))
     gather = (1 + shard_t) * 2 * arch.layer_params * gb if N > 1 else 0
@@ -533,6 +584,10 @@ def host_ram_lines(plan: Plan) -> list[str]:
         else:
             lines.append(f"  {stage:<6} {whole / GiB:.1f} GiB: the whole parent")
     lines.append(f"  gkd    {whole / GiB:.1f} GiB: the whole parent, on every rank")
+    if cfg.gkd.offload and N > 1:
+        child = min(plan.arch.params, cfg.search.memory_bytes / _bytes_of(cfg.dtype)) if cfg.search.memory_bytes else plan.arch.params
+        lines.append(f"  gkd    + {child * 16 / N / GiB:.1f} GiB: the student's fp32 shard, grads and AdamW m, v "
+                     f"(gkd.offload: {child / 1e9:.2f}B x 16 B / {N})")
     lines.append(f"  first run: rank 0 converts the parent{' and generates the data' * (cfg.data.path is None)} "
                  f"with the whole of it, once ({whole / GiB:.1f} GiB)")
     return lines

@@ -174,6 +174,23 @@ def test_bld_lowers_validation_nmse_and_writes_library(tiny_workdir):
     assert before == after
 
 
+def test_bld_in_passes_trains_the_same_blocks_as_all_at_once(tiny_workdir, caplog):
+    """bld.alternatives_per_pass=2: 15 alternatives in 8 passes, each over the same batches with
+    its own optimizer, so every block equals the one trained with all the others, bit for bit."""
+    tmp, _ = tiny_workdir
+    short = {**TINY_CFG, "bld": {**TINY_CFG["bld"], "tokens": 1024}}
+    _run_bld_inprocess(tmp / "all", short, tmp / "parent")
+    shutil.copytree(tmp / "all", tmp / "passes", ignore=shutil.ignore_patterns("library"))  # same parent and data
+    passes = {**short, "bld": {**short["bld"], "alternatives_per_pass": 2}}
+    with caplog.at_level("INFO", logger="puzzlenas.bld"):
+        _run_bld_inprocess(tmp / "passes", passes, tmp / "parent")
+    assert "BLD in 8 passes of at most 2 alternatives" in caplog.text
+    one, two = _library_tensors(tmp / "all"), _library_tensors(tmp / "passes")
+    assert one.keys() == two.keys() and len({k.split("/")[0] for k in one}) == 15
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert not list((tmp / "passes" / "library" / "state").glob("*.pt"))
+
+
 def test_library_refuses_another_parent(tiny_workdir):
     tmp, _ = tiny_workdir
     _run_bld_inprocess(tmp / "w", {**TINY_CFG, "bld": {**TINY_CFG["bld"], "tokens": 256}}, tmp / "parent")
@@ -212,6 +229,25 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_workdir):
     assert resumed.returncode == 0, out
     assert "resuming BLD from step" in out
     _assert_same_library(tmp / "ref", tmp / "killed")
+
+
+def test_bld_in_passes_killed_while_saving_a_pass_ends_like_an_uninterrupted_run(tiny_workdir):
+    """Killed while saving pass 3 (layer 0's last block saved, layer 1's first not): the rerun saves
+    that block from the pass's final state, trains the passes left, and ends with the same blocks."""
+    tmp, cfg_file = tiny_workdir
+    args = ["bld", str(cfg_file), "--quiet", "--set", "bld.tokens=1024"]
+    ref = start_cli([*args, "--workdir", str(tmp / "ref")])
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+    passes = [*args, "--set", "bld.alternatives_per_pass=2", "--workdir", str(tmp / "killed")]
+    killed = start_cli(passes, env={"PUZZLENAS_KILL_AT": "bld.save_block:layer001"})
+    assert killed.wait(timeout=600) != 0
+    assert len(list((tmp / "killed" / "library" / "blocks").glob("*.safetensors"))) == 5  # passes 1-3 less one
+    resumed = start_cli(passes)
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    assert "saving 1 blocks trained before the last run was killed" in out
+    ta, tb = _library_tensors(tmp / "ref"), _library_tensors(tmp / "killed")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_torchrun_two_ranks_equal_one_process(tiny_workdir):

@@ -81,7 +81,7 @@ def gkd_runs(tmp_path_factory):
     raw = {"parent": str(tmp / "parent"), **GKD_CFG}
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(raw))
     prepare_gkd_workdir(tmp / "one", raw)
-    for name in ("two", "killed", "resharded"):  # the same parent, data and realized child
+    for name in ("two", "killed", "resharded", "offload"):  # the same parent, data and realized child
         shutil.copytree(tmp / "one", tmp / name)
     one = start_cli(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "one"), *OPTS])
     two = torchrun(["distill", str(tmp / "cfg.yaml"), "--workdir", str(tmp / "two"), *OPTS])
@@ -100,6 +100,19 @@ def test_fsdp2_gkd_two_processes_match_one(gkd_runs):
     assert one[-1]["val_kl"] < 0.9 * one[0]["val_kl"]  # it trained
     assert max_weight_diff(gkd_runs / "one" / "child", gkd_runs / "two" / "child") < WEIGHT_ATOL
     assert not (gkd_runs / "two" / "gkd" / "sharded").exists()  # states are gone once the child is saved
+
+
+def test_fsdp2_gkd_with_the_student_offloaded_to_host_ram_matches_one_process(gkd_runs):
+    """gkd.offload=true (CPUOffloadPolicy): the same loss curve and child as one process."""
+    finish(torchrun(["distill", str(gkd_runs / "cfg.yaml"), "--workdir", str(gkd_runs / "offload"), *OPTS,
+                     "--set", "gkd.offload=true"]))
+    one, off = losses(gkd_runs / "one"), losses(gkd_runs / "offload")
+    assert [e["step"] for e in one] == [e["step"] for e in off]
+    for a, b in zip(one, off):
+        for key in ("kl", "cos", "val_kl"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL), (a, b)
+    assert max_weight_diff(gkd_runs / "one" / "child", gkd_runs / "offload" / "child") < WEIGHT_ATOL
 
 
 def test_sharded_checkpoint_resumes_after_sigkill(gkd_runs):
@@ -203,7 +216,7 @@ def bld_one(tmp_path_factory):
     (tmp / "cfg.yaml").write_text(yaml.safe_dump({"parent": str(tmp / "parent"), **TINY_CFG}))
     args = ["bld", str(tmp / "cfg.yaml"), "--quiet", "--set", "bld.tokens=2048"]
     finish(start_cli([*args, "--workdir", str(tmp / "one")]))
-    for name in ("two", "killed"):  # the same converted parent and data, no library
+    for name in ("two", "killed", "passes"):  # the same converted parent and data, no library
         shutil.copytree(tmp / "one", tmp / name, ignore=shutil.ignore_patterns("library"))
     return tmp, [*args, "--set", "bld.parallel=layers"]
 
@@ -254,6 +267,16 @@ def test_bld_with_the_parents_layers_split_over_two_ranks_equals_one_rank(bld_on
     seconds = {layer: {r["train_seconds"] for r in two.values() if r["layer"] == layer and r.get("file")}
                for layer in range(3)}
     assert len(seconds[0] | seconds[1]) == 1 and len(seconds[2]) == 1
+
+
+def test_layer_split_bld_in_passes_equals_one_rank(bld_one):
+    """bld.alternatives_per_pass=4 with the layers split: rank 0 trains its 10 alternatives in 3
+    passes, rank 1 its 5 in 2 and relays rank 0's third pass with nothing of its own to train."""
+    tmp, args = bld_one
+    out = finish(torchrun([*args, "--set", "bld.alternatives_per_pass=4", "--workdir", str(tmp / "passes")]))
+    assert "BLD in 3 passes" in out and "BLD in 2 passes" in out
+    _assert_same_library(tmp / "one", tmp / "passes", atol=0)
+    assert not list((tmp / "passes" / "library" / "state").glob("*.pt"))
 
 
 def test_layer_split_bld_resumes_after_sigkill(bld_one):

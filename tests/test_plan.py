@@ -84,6 +84,43 @@ def test_more_devices_for_bld_when_the_weights_do_not_fit():
         next(x for x in make_plan(cfg, parent_arch(cfg.parent), need, 80 * GiB, "t").stages if x.stage == "bld"))
 
 
+def test_bld_in_passes_plans_one_group_and_the_advice_names_it():
+    """configs/llama3_70b_node.yaml on 8 x 80 GiB: all at once a rank's 30 alternatives do not fit;
+    the advice names the bld.alternatives_per_pass that does, and fewer per pass plan less."""
+    arch = parent_arch("llama-3.1-70b")
+    bld_of = lambda cfg: next(x for x in make_plan(cfg, arch, 8, 80 * GiB, "t").stages if x.stage == "bld")  # noqa: E731
+    at_once = load_config(ROOT / "configs" / "llama3_70b_node.yaml", ["bld.alternatives_per_pass=null"])
+    plan = make_plan(at_once, arch, 8, 80 * GiB, "t")
+    s = bld_of(at_once)
+    assert not plan.fits(s) and "passes" not in s.strategy
+    advice = plan.advice(s)
+    k = int(re.search(r"set bld\.alternatives_per_pass=(\d+) \(.*; (\d+) passes", advice).group(1))
+    assert 1 <= k < 30 and "needs 16 such devices" in advice  # more devices remain the other way
+    fixed = load_config(ROOT / "configs" / "llama3_70b_node.yaml", [f"bld.alternatives_per_pass={k}"])
+    assert make_plan(fixed, arch, 8, 80 * GiB, "t").fits(bld_of(fixed))
+    peaks = {n: bld_of(load_config(ROOT / "configs" / "llama3_70b_node.yaml", [f"bld.alternatives_per_pass={n}"]))
+             for n in (30, 10, 3)}
+    assert peaks[30].total == s.total  # one pass of all 30 is all at once
+    assert peaks[30].total > peaks[10].total > peaks[3].total
+    # one layer's 3 alternatives (KV-1 attention, FFN 1/2 and 1/4) per pass: 10 passes
+    assert peaks[3].part("optimizer") == 16 * (s.part("optimizer") / 16 / 10)
+    assert "10 passes of at most 3 alternatives" in peaks[3].strategy
+    shipped = bld_of(load_config(ROOT / "configs" / "llama3_70b_node.yaml"))
+    assert "3 passes" in shipped.strategy and make_plan(load_config(ROOT / "configs" / "llama3_70b_node.yaml"), arch,
+                                                        8, 80 * GiB, "t").fits(shipped)
+
+
+def test_gkd_offload_moves_the_student_to_host_ram():
+    from puzzlenas.plan import format_plan
+
+    arch = parent_arch("llama-3.1-70b")
+    on, off = (load_config(ROOT / "configs" / "llama3_70b_node.yaml", [f"gkd.offload={v}"]) for v in ("true", "false"))
+    g_on, g_off = (next(x for x in make_plan(c, arch, 8, 80 * GiB, "t").stages if x.stage == "gkd") for c in (on, off))
+    assert g_on.part("optimizer") == 0 and g_off.total - g_on.total == g_off.part("optimizer") > 0
+    assert "gkd.offload" in g_on.strategy
+    assert f"+ {g_off.part('optimizer') / GiB:.1f} GiB: the student's" in format_plan(make_plan(on, arch, 8, 80 * GiB, "t"))
+
+
 def test_score_with_the_parents_layers_split_fits_where_the_whole_parent_does_not():
     cfg = load_config(ROOT / "configs" / "llama3_70b_node.yaml", ["score.parallel=alternatives"])
     arch = parent_arch(cfg.parent)

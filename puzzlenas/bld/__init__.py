@@ -15,6 +15,11 @@ blocks (a record in library/blocks/ and an intact block file) are never retraine
 while saving its blocks at the end saves the rest from its final state on the next start. A
 state file is loaded with `weights_only=True`: a file that would run code is refused. With torchrun the alternatives are
 split across ranks (gloo on CPU, NCCL on GPU); each rank writes its own blocks, rank 0 the index.
+
+`bld.alternatives_per_pass`: a rank trains its alternatives in groups, one full pass over the
+tokens each, so only one group's weights and AdamW state are on the device. Every group sees the
+same batches with its own optimizers, so the blocks equal training all at once, bit for bit; a
+finished pass is saved, and a rerun resumes in the pass it was killed in.
 """
 
 from __future__ import annotations
@@ -113,10 +118,13 @@ def run(cfg: PuzzleConfig, workdir: str | Path, parent, data, parent_fingerprint
     for a, problem in problems.items():
         if problem not in (None, "not trained"):
             log.warning("training %s again: %s", a.name, problem)
+    per_pass = cfg.bld.alternatives_per_pass
     if pipeline is not None:  # every rank trains what is left of its own layers
-        mine = [a for a in problems if pipeline.owns(a.layer) and not library.is_done(a)]
-        if reduce_int(len(mine), "max"):
-            _train(cfg, parent, data, library, mine, rank, world, device, progress, pipeline)
+        groups = _passes([a for a in problems if pipeline.owns(a.layer)], per_pass, library)
+        # every rank relays the stream for the others: all run as many passes as the rank with most
+        for k in range(reduce_int(len(groups), "max")):
+            _train(cfg, parent, data, library, groups[k] if k < len(groups) else [], rank, world, device, progress,
+                   pipeline)
         _finish(library, alternatives, trainable, parent.config, rank)
         return library
     # a run killed while saving its trained blocks: save the rest from its final state (no retraining)
@@ -125,12 +133,28 @@ def run(cfg: PuzzleConfig, workdir: str | Path, parent, data, parent_fingerprint
         log.info("saving %d blocks trained before the last run was killed", len(unsaved))
         _train(cfg, parent, data, library, unsaved, rank, world, device, progress)
     barrier()
-    todo = [a for a in problems if not library.is_done(a)]
-    mine = todo[rank::world]
-    if mine:
-        _train(cfg, parent, data, library, mine, rank, world, device, progress)
+    if per_pass is None:
+        todo = [a for a in problems if not library.is_done(a)]
+        groups = [todo[rank::world]]
+    else:  # dealt from all of them, so a rerun after a kill forms the same groups and resumes its pass
+        groups = _passes(list(problems)[rank::world], per_pass, library)
+    for group in groups:
+        if group:
+            _train(cfg, parent, data, library, group, rank, world, device, progress)
     _finish(library, alternatives, trainable, parent.config, rank)
     return library
+
+
+def _passes(alternatives: list, per_pass: int | None, library: Library) -> list[list]:
+    """bld.alternatives_per_pass: this rank's alternatives in consecutive groups, each trained over
+    the whole token budget on its own, less those already done; groups left empty are dropped."""
+    size = per_pass or max(1, len(alternatives))
+    groups = [alternatives[i : i + size] for i in range(0, len(alternatives), size)]
+    groups = [[a for a in group if not library.is_done(a)] for group in groups]
+    groups = [group for group in groups if group]
+    if per_pass is not None and len(groups) > 1:
+        log.info("BLD in %d passes of at most %d alternatives (bld.alternatives_per_pass)", len(groups), per_pass)
+    return groups
 
 
 def _finish(library: Library, alternatives, trainable, config, rank: int) -> None:
@@ -179,10 +203,12 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
     names = [a.name for a in mine]
     blocks = {a: build_unit(parent.config, a).to(device) for a in mine}
     state = None
-    if state_file.is_file():
+    if state_file.is_file() and mine:  # a rank that only relays never resumes a left-over state
         state = load_state(state_file, map_location=device)
         # a state holding more alternatives than are left (the others were saved) resumes those left:
-        # every alternative trains on its own graph and optimizer, so a subset trains exactly alike
+        # every alternative trains on its own graph and optimizer, so a subset trains exactly alike.
+        # Passes (bld.alternatives_per_pass) share the file: their groups are disjoint, so pass k+1
+        # finds none of its names in a pass-k state and starts afresh
         if not set(names) <= set(state.get("names", [])) or state.get("total_steps") != total_steps:
             log.warning("ignoring %s: it was written for other alternatives or another budget", state_file)
             state = None

@@ -147,7 +147,7 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
         fsdp.checkpoint_activations(child)
     if sharded:
         mesh = fsdp.mesh()
-        fsdp.shard(child, amp_dtype, mesh)
+        fsdp.shard(child, amp_dtype, mesh, offload=g.offload)
         if g.teacher == "shard":
             parent.requires_grad_(False)
             fsdp.shard(parent, amp_dtype, mesh)

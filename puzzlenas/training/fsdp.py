@@ -23,15 +23,20 @@ def mesh():
     return init_device_mesh(device_type, (rank_world()[1],))
 
 
-def shard(model: torch.nn.Module, param_dtype: torch.dtype | None = None, device_mesh=None) -> torch.nn.Module:
-    """Shard `model` in place over all ranks (per decoder layer + root); returns it."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def shard(model: torch.nn.Module, param_dtype: torch.dtype | None = None, device_mesh=None,
+          offload: bool = False) -> torch.nn.Module:
+    """Shard `model` in place over all ranks (per decoder layer + root); returns it. `offload`: the
+    fp32 shards, their grads and the optimizer state live in host RAM (FSDP2 CPUOffloadPolicy);
+    each layer is copied to the device for its forward and backward only."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     device_mesh = device_mesh or mesh()
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    # pinned host memory needs an accelerator (and only speeds up copies to one)
+    policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for layer in model.model.layers:
-        fully_shard(layer, mesh=device_mesh, mp_policy=mp)
-    fully_shard(model, mesh=device_mesh, mp_policy=mp)
+        fully_shard(layer, mesh=device_mesh, mp_policy=mp, offload_policy=policy)
+    fully_shard(model, mesh=device_mesh, mp_policy=mp, offload_policy=policy)
     return model
 
 
