@@ -1,19 +1,21 @@
 """More learning per CPU-second: GKD at an equal token budget, batch size x learning rate.
 
     python benchmarks/gkd_settings.py --workdir W [--tokens 8192] [--variants 8:5e-5,8:2e-4,2:1e-4,2:3e-4]
+    python benchmarks/gkd_settings.py --workdir W --variants 2:2e-4:float32,2:2e-4:bfloat16
 
 W is a work directory whose realize stage has finished (e.g. `puzzlenas run --preset quick`); its
 config.yaml is the configuration used and its chosen solution (search/selection.json) the child.
 Every variant distills that same realized child from the same batches' tokens (the same budget:
-`--tokens`), differing only in batch size (sequences per optimizer step) and peak learning rate:
-at budgets of a few thousand tokens the default (8 sequences per step) makes only a handful of
-optimizer steps. Each variant's child is measured against the parent:
+`--tokens`), differing only in batch size (sequences per optimizer step), peak learning rate and,
+when a variant names one, the training precision (gkd.dtype; else the config's): at budgets of a
+few thousand tokens the default (8 sequences per step) makes only a handful of optimizer steps, and
+on a CPU with native bf16 the precision decides how many tokens an hour buys. Each variant's child is measured against the parent:
   KL val         the GKD validation KL (data.val[:eval.kl_sequences]) before and after
   KL held-out    on the validation sequences GKD does not see, and on WikiText-2 sequences
   WikiText-2 ppl eval.ppl_context / eval.ppl_max_tokens, from the start of the test file
   tok/s          the variant's own training throughput (seconds in gkd's done.json; this machine,
                  whatever else ran on it)
-Variants go to W/gkd-settings/<batch>x<lr>/; the table to W/gkd-settings.md.
+Variants go to W/gkd-settings/<batch>x<lr>[-<dtype>]/; the table to W/gkd-settings.md.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from pathlib import Path
 log = logging.getLogger("gkd_settings")
 
 
-def parse_variants(text: str) -> list[tuple[int, float]]:
+def parse_variants(text: str) -> list[tuple[int, float, str | None]]:
+    """"8:5e-5,2:2e-4:bfloat16" -> [(8, 5e-5, None), (2, 2e-4, "bfloat16")]: batch:lr[:dtype]."""
     out = []
     for item in text.split(","):
-        batch, _, lr = item.partition(":")
-        out.append((int(batch), float(lr)))
+        batch, lr, *dtype = item.split(":")
+        out.append((int(batch), float(lr), dtype[0] if dtype else None))
     return out
 
 
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--tokens", type=int, default=8192, help="GKD tokens per variant")
-    ap.add_argument("--variants", default="8:5e-5,8:2e-4,2:1e-4,2:3e-4", help="batch:lr, comma-separated")
+    ap.add_argument("--variants", default="8:5e-5,8:2e-4,2:1e-4,2:3e-4",
+                    help="batch:lr[:dtype], comma-separated (dtype: float32, bfloat16 or auto)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -71,11 +75,12 @@ def main(argv: list[str] | None = None) -> str:
 
     rows = [{"variant": "parent", **measure(ctx.parent)}]
     rows.append({"variant": "realized, no GKD", **measure(load_checkpoint(source).eval())})
-    for batch, lr in parse_variants(args.variants):
+    for batch, lr, dtype in parse_variants(args.variants):
         c = cfg.model_copy(deep=True)
         c.gkd.tokens, c.gkd.batch_size, c.gkd.optim.lr = args.tokens, batch, lr
+        c.gkd.dtype = dtype or c.gkd.dtype
         c.gkd.val_every = c.gkd.checkpoint_every = 10**6  # validation only at the start and the end
-        name = f"{batch}x{lr:g}"
+        name = f"{batch}x{lr:g}" + (f"-{dtype}" if dtype else "")
         out = work / "gkd-settings" / name
         t0 = time.perf_counter()
         child_dir = gkd.distill(c, source, out / "child", out / "gkd", ctx.parent, ctx.data, ctx.tokenizer,
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> str:
         log.info("%s: %s", name, rows[-1])
         del child
     kls = [k for k in rows[0] if k.startswith("kl_")]
-    head = ["GKD batch x peak lr", "steps", "tokens", "val KL before -> after", *(f"KL {k[3:]}" for k in kls),
+    head = ["GKD batch x peak lr[-dtype]", "steps", "tokens", "val KL before -> after", *(f"KL {k[3:]}" for k in kls),
             "WikiText-2 ppl", "tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

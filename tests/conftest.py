@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ import torch
 # evaluation in tests and in their CLI subprocesses reads this copy and never the hub.
 SHARED_DATA = Path(os.environ.get("PUZZLENAS_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data").resolve()
 os.environ["PUZZLENAS_DATA"] = str(SHARED_DATA)
+
+# Under pytest-xdist (the README's test command runs one worker per core) each worker gets its share of
+# the cores, and so do the CLI and torchrun processes it starts: two workers that each spread a tiny
+# model's matmuls over every core only get in each other's way.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY = dict(
     vocab_size=99,
@@ -91,6 +100,13 @@ def tiny_parent_dir(request, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp(request.param)
     make_tiny_parent(request.param).save_pretrained(path)
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for torchrun's rendezvous, a server under test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def smollm2_gguf() -> Path | None:

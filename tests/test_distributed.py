@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,19 +26,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import GKD_CFG, make_tiny_parent, max_weight_diff, prepare_gkd_workdir, start_cli
+from conftest import GKD_CFG, free_port, make_tiny_parent, max_weight_diff, prepare_gkd_workdir, start_cli
 from test_bld import TINY_CFG, _assert_same_library
 
 from puzzlenas.errors import PuzzleError
 
 LOSS_RTOL, WEIGHT_ATOL = 1e-4, 1e-4
 OPTS = ["--set", "gkd.tokens=1024", "--set", "gkd.checkpoint_every=2", "--set", "gkd.val_every=4", "--quiet"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.Popen:

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_distributed import finish, free_port
+from conftest import free_port
+from test_distributed import finish
 
 from puzzlenas.errors import PuzzleError
 

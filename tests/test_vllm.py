@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from puzzlenas.checkpoint import load_checkpoint, save_checkpoint
 from puzzlenas.config import config_from_dict
@@ -170,12 +170,6 @@ def test_vllm_times_models_in_rounds(smollm2_checkpoint, smollm2_child):
         assert sum(t.prefill_s) < sum(t.total_s)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_puzzlenas_serve_answers_openai_completions(smollm2_child):
     """`puzzlenas serve CHILD` starts vLLM's OpenAI-compatible server; its greedy completion is the
@@ -183,7 +177,7 @@ def test_puzzlenas_serve_answers_openai_completions(smollm2_child):
     _require_vllm()
     from transformers import AutoTokenizer
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     proc = subprocess.Popen([sys.executable, "-m", "puzzlenas", "serve", str(smollm2_child), "--port", str(port),
                              "--dtype", "float32", "--max-model-len", "256"], env=env,
