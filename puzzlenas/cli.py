@@ -350,8 +350,15 @@ def cmd_measure(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from .config import preset_path
+    from .errors import PuzzleError
     from .sweep import run_sweep
 
+    # Without a CONFIG the sweep takes the same preset as `puzzlenas run`, so a sweep over a run's
+    # work directory reuses its data, library and scores instead of redoing them at other settings.
+    if args.config and args.preset:
+        raise PuzzleError(f"give a CONFIG or --preset, not both (got {args.config} and --preset {args.preset})")
+    args.config = args.config or str(preset_path(args.preset or "default"))
     run_sweep(_load_cfg(args), Path(args.workdir), args.targets, progress=not args.quiet)
     print((Path(args.workdir) / "report" / "sweep.md").read_text())
 
@@ -551,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "baselines at each, distilled and evaluated; table and plot in report/")
     _stage_arguments(p)
     p.add_argument("--targets", nargs="+", type=_factor, required=True, help="throughput targets, e.g. 1.2 1.5x 2")
+    p.add_argument("--preset", choices=["default", "quick"],
+                   help="bundled SmolLM2-135M preset when no CONFIG is given (default: 'default', as for run)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("realize", help="assemble search solution gkd.solution (auto: the best measured of them) from the library into realized/")

@@ -402,7 +402,9 @@ def _resolve_target(cfg: PuzzleConfig) -> None:
     asked: list[tuple[str, str, object]] = []
     if "attention" in space.model_fields_set and space.attention:
         asked += [("search_space.attention", "attention", c) for c in space.attention]
-    if "ffn" in space.model_fields_set:
+    # The default list is not the user's choice even when a file names it: the config.yaml a run
+    # saves writes every field, and must load back as the same configuration.
+    if "ffn" in space.model_fields_set and space.ffn != SearchSpaceConfig().ffn:
         asked += [("search_space.ffn", "ffn", c) for c in space.ffn]
     for layer, override in space.layers.items():
         asked += [(f"search_space.layers.{layer}.attention", "attention", c, layer) for c in override.attention or []]

@@ -370,3 +370,18 @@ def test_profile_name_has_the_gguf_type_and_thread_count(monkeypatch):
     monkeypatch.setenv("PUZZLENAS_LLAMACPP_THREADS", "2")
     two = profile_name(cfg, torch.device("cpu"))
     assert one.startswith("llama.cpp-q8_0-1thr-") and two.startswith("llama.cpp-q8_0-2thr-") and one != two
+
+
+def test_a_saved_llamacpp_config_loads_back_and_an_asked_linear_ffn_is_still_refused(tmp_path):
+    """A run's config.yaml writes every field, the default FFN list (with "linear") included: it must load
+    back as the same configuration, while a user who asks llama.cpp for a linear FFN is still told no."""
+    require_llama_cpp()
+    from puzzlenas.config import config_from_dict, load_config, preset_path, save_config
+    from puzzlenas.errors import PuzzleError
+
+    cfg = load_config(preset_path("default"), ["target.engine=llama.cpp"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again.model_dump() == cfg.model_dump() and "linear" in again.search_space.ffn
+    with pytest.raises(PuzzleError, match="search_space.ffn: 'linear' cannot be served by target.engine=llama.cpp"):
+        config_from_dict({"target": {"engine": "llama.cpp"}, "search_space": {"ffn": [1.0, "linear"]}})
