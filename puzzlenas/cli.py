@@ -64,18 +64,23 @@ def _load_cfg(args):
     return cfg
 
 
+def _config_or_preset(args: argparse.Namespace) -> str:
+    """The config file of `run` and `sweep`: CONFIG, else the bundled preset (--preset, default 'default')."""
+    from .config import preset_path
+    from .errors import PuzzleError
+
+    if args.config and args.preset:
+        raise PuzzleError(f"give a CONFIG or --preset, not both (got {args.config} and --preset {args.preset})")
+    return args.config or str(preset_path(args.preset or "default"))
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .config import load_config, preset_path
+    from .config import load_config
     from .pipeline import run_pipeline
 
-    if args.config and args.preset:
-        raise_error = f"give a CONFIG or --preset, not both (got {args.config} and --preset {args.preset})"
-        from .errors import PuzzleError
-
-        raise PuzzleError(raise_error)
-    cfg = load_config(args.config or preset_path(args.preset or "default"), args.set)
+    cfg = load_config(_config_or_preset(args), args.set)
     workdir = Path(args.workdir)
     if _torchrun():
         summary = _run_split_stage(args, cfg, workdir)
@@ -350,15 +355,11 @@ def cmd_measure(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .config import preset_path
-    from .errors import PuzzleError
     from .sweep import run_sweep
 
     # Without a CONFIG the sweep takes the same preset as `puzzlenas run`, so a sweep over a run's
     # work directory reuses its data, library and scores instead of redoing them at other settings.
-    if args.config and args.preset:
-        raise PuzzleError(f"give a CONFIG or --preset, not both (got {args.config} and --preset {args.preset})")
-    args.config = args.config or str(preset_path(args.preset or "default"))
+    args.config = _config_or_preset(args)
     run_sweep(_load_cfg(args), Path(args.workdir), args.targets, progress=not args.quiet)
     print((Path(args.workdir) / "report" / "sweep.md").read_text())
 
