@@ -21,6 +21,9 @@ os.environ["PUZZLENAS_DATA"] = str(SHARED_DATA)
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _threads = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    # llama.cpp's OpenMP threads spin at each barrier (its default policy, which the engine now keeps):
+    # two of them beside another worker's busy core would only wait on each other
+    os.environ.setdefault("PUZZLENAS_LLAMACPP_THREADS", _threads)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY = dict(

@@ -357,19 +357,24 @@ def test_export_command(tmp_path):
     assert proc.returncode != 0 and "q3_k" in out.splitlines()[-1] and not (tmp_path / "x.gguf").exists()
 
 
-def test_profile_name_has_the_gguf_type_and_thread_count(monkeypatch):
-    """A profile measured at one thread count is never reused at another (decode cost differs 2x)."""
+def test_profile_name_has_the_gguf_type_thread_count_and_wait_policy(monkeypatch):
+    """A profile measured at one thread count, or one OpenMP wait policy, is never reused at another
+    (a decode step differs up to 2.5x between them)."""
     import torch
 
     from puzzlenas.config import config_from_dict
     from puzzlenas.costs import profile_name
 
     cfg = config_from_dict({"target": {"engine": "llama.cpp", "gguf_type": "q8_0"}})
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setenv("PUZZLENAS_LLAMACPP_THREADS", "1")
     one = profile_name(cfg, torch.device("cpu"))
     monkeypatch.setenv("PUZZLENAS_LLAMACPP_THREADS", "2")
     two = profile_name(cfg, torch.device("cpu"))
-    assert one.startswith("llama.cpp-q8_0-1thr-") and two.startswith("llama.cpp-q8_0-2thr-") and one != two
+    assert one.startswith("llama.cpp-q8_0-1thr-ompdefault-") and two.startswith("llama.cpp-q8_0-2thr-ompdefault-")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    passive = profile_name(cfg, torch.device("cpu"))
+    assert passive.startswith("llama.cpp-q8_0-2thr-omppassive-") and len({one, two, passive}) == 3
 
 
 def test_a_saved_llamacpp_config_loads_back_and_an_asked_linear_ffn_is_still_refused(tmp_path):

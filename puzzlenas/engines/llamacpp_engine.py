@@ -17,11 +17,16 @@ rotating turns, as `Engine.time_models` promises:
 
 batch_size > 1 runs the requests as parallel sequences of one context (one llama_decode per step
 for all of them, a unified KV cache), which is how llama.cpp's server batches its parallel slots.
-Threads: all the machine's cores (os.cpu_count(), or PUZZLENAS_LLAMACPP_THREADS). llama.cpp's
-OpenMP threads spin-wait between operations by default; on a machine where other jobs run, a
-descheduled thread then stalls the other at every barrier (SmolLM2 q8_0 on 2 busy cores: 80 s per
-scenario instead of 1.6 s), so the worker runs with OMP_WAIT_POLICY=PASSIVE unless it is set.
-KV cache: llama.cpp's default (f16).
+Threads: all the machine's cores (os.cpu_count(), or PUZZLENAS_LLAMACPP_THREADS), with OpenMP's
+own wait policy, as llama-server runs: its threads spin a while at each of the graph's barriers
+before they sleep. The worker used to force OMP_WAIT_POLICY=PASSIVE (sleep at once) to be robust
+on a busy machine; that made every barrier pay a thread wake-up, which at batch 1 is most of a
+decode step and falls mostly on attention's many small ops. SmolLM2 q8_0, 2 threads, quiet 2-core
+AVX512 machine, ms per decode step: passive 19.9, default 7.9, active 7.0; at 1 thread 9.2-9.4
+whatever the policy. So the costs measured under PASSIVE were the harness's, not llama.cpp's, and
+the search took attention out for them. A user's OMP_WAIT_POLICY still applies, and the cost
+profile's name carries the policy, so a profile is never reused under another one.
+KV cache: llama.cpp's default (f16). Flash attention: llama.cpp's default (auto, on for the CPU).
 """
 
 from __future__ import annotations
@@ -49,6 +54,12 @@ def llamacpp_threads() -> int:
     return int(os.environ.get("PUZZLENAS_LLAMACPP_THREADS") or os.cpu_count() or 1)
 
 
+def openmp_wait_policy() -> str:
+    """How llama.cpp's OpenMP threads wait at a barrier: the user's OMP_WAIT_POLICY, else 'default'
+    (libgomp spins a while, then sleeps)."""
+    return (os.environ.get("OMP_WAIT_POLICY") or "default").strip().lower()
+
+
 class LlamaCppEngine(Engine):
     name = "llama.cpp"
     kinds = {"attention": {"gqa", "linear", "no_op"}, "ffn": {"mlp", "no_op"}}
@@ -71,9 +82,9 @@ class LlamaCppEngine(Engine):
 
     @classmethod
     def profile_tag(cls, target) -> str:
-        # costs differ by GGUF type and by thread count (on a 2-core AVX2 CPU a SmolLM2 decode step took
-        # 9.8 ms at 1 thread and 19.9 ms at 2, where FFN size barely mattered): one profile for each
-        return f"{cls.name}-{target.gguf_type}-{llamacpp_threads()}thr"
+        # costs differ by GGUF type, thread count and OpenMP wait policy (SmolLM2 q8_0 decode step at 2
+        # threads: 7.9 ms with OpenMP's default policy, 19.9 ms passive, 9.3 ms at 1 thread): one profile each
+        return f"{cls.name}-{target.gguf_type}-{llamacpp_threads()}thr-omp{openmp_wait_policy()}"
 
     def export(self, checkpoint: Path, folder: Path) -> Path:
         """checkpoint folder -> folder/<content hash>.<type>.gguf (reused while the weights are unchanged)."""
@@ -110,11 +121,9 @@ def _content_hash(folder: Path) -> str:
 def _run_worker(job: dict, tmp: Path, progress: bool) -> dict:
     job_file, out_file, log_file = tmp / "job.json", tmp / "result.json", tmp / "llamacpp.log"
     job_file.write_text(json.dumps(job))
-    env = {**os.environ}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with open(log_file, "w") as logf:
         proc = subprocess.run([sys.executable, "-m", "puzzlenas.engines.llamacpp_engine", str(job_file), str(out_file)],
-                              stdout=None if progress else logf, stderr=logf, env=env)
+                              stdout=None if progress else logf, stderr=logf)
     if proc.returncode != 0 or not out_file.is_file():
         lines = [x for x in log_file.read_text(errors="replace").splitlines() if x.strip()]
         raise PuzzleError(f"llama.cpp timing failed: {lines[-1][:300] if lines else 'no output'}")
