@@ -281,7 +281,7 @@ class EvalConfig(Section):
     batch_size: int = Field(8, gt=0)
     # timed rounds per model (models in turns; speed-up = median of per-round ratios). 3 was too few: the
     # default run's 1.2x child measured 1.13x (rounds 1.00, 1.13, 1.20) although the same architecture
-    # before GKD measured 1.19x in the same run, and 1.22x over 9 rounds afterwards
+    # before GKD measured 1.19x in the same run, and 1.24x over 9 rounds afterwards
     speed_repeats: int = Field(7, gt=0)
     # under torchrun (the metrics are the same either way): "none": one process holds every model;
     # "layers": the parent's and each child's layers are split over the ranks (model/split.py)
