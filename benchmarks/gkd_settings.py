@@ -15,7 +15,7 @@ on a CPU with native bf16 the precision decides how many tokens an hour buys. Ea
   WikiText-2 ppl eval.ppl_context / eval.ppl_max_tokens, from the start of the test file
   tok/s          the variant's own training throughput (seconds in gkd's done.json; this machine,
                  whatever else ran on it)
-Variants go to W/gkd-settings/<batch>x<lr>[-<dtype>]/; the table to W/gkd-settings.md.
+Variants go to W/gkd-settings/<batch>x<lr>[-<dtype>]-<tokens>tok/; the table to W/gkd-settings.md.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> str:
         c.gkd.tokens, c.gkd.batch_size, c.gkd.optim.lr = args.tokens, batch, lr
         c.gkd.dtype = dtype or c.gkd.dtype
         c.gkd.val_every = c.gkd.checkpoint_every = 10**6  # validation only at the start and the end
-        name = f"{batch}x{lr:g}" + (f"-{dtype}" if dtype else "")
+        # the token budget is in the name: distill() reuses a finished folder whatever budget made it
+        name = f"{batch}x{lr:g}" + (f"-{dtype}" if dtype else "") + f"-{args.tokens}tok"
         out = work / "gkd-settings" / name
         t0 = time.perf_counter()
         child_dir = gkd.distill(c, source, out / "child", out / "gkd", ctx.parent, ctx.data, ctx.tokenizer,
