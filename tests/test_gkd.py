@@ -51,3 +51,24 @@ def test_gkd_resume_after_sigkill(gkd_workdir):
     assert resumed.returncode == 0, out
     assert "resuming GKD from step" in out
     assert max_weight_diff(tmp / "ref" / "child", tmp / "killed" / "child") < 1e-5
+
+
+def test_gkd_distills_again_when_its_settings_change(gkd_workdir):
+    """A finished child is reused only for the same recipe: the same step count at another
+    learning rate (which the old step-count check let through) is a new child."""
+    tmp, raw = gkd_workdir
+    cfg, parent, data = prepare_gkd_workdir(tmp / "w", raw)
+    cfg.gkd.tokens = 1024
+    gkd.run(cfg, tmp / "w", parent, data, progress=False)
+    done_file = tmp / "w" / "gkd" / "done.json"
+    first = json.loads(done_file.read_text())
+    gkd.run(cfg, tmp / "w", parent, data, progress=False)  # same recipe: reused, not trained again
+    assert json.loads(done_file.read_text()) == first
+    cfg.gkd.optim.lr = cfg.gkd.optim.lr / 10
+    gkd.run(cfg, tmp / "w", parent, data, progress=False)
+    second = json.loads(done_file.read_text())
+    assert second["recipe"] != first["recipe"] and second["steps"] == first["steps"]
+    assert second["child_fingerprint"] != first["child_fingerprint"]
+    cfg.gkd.val_every = 1  # logging only: the same recipe
+    gkd.run(cfg, tmp / "w", parent, data, progress=False)
+    assert json.loads(done_file.read_text()) == second

@@ -100,6 +100,21 @@ def _checkpoint_ids(path: Path) -> tuple[str, str]:
     return path_fingerprint(path), legacy
 
 
+# GKD settings that only decide where and how often work is saved or logged, or how memory is
+# spent, never what the distilled weights are
+_NOT_IN_RECIPE = ("solution", "teacher", "offload", "activation_checkpointing", "val_every", "checkpoint_every")
+
+
+def recipe_id(cfg, data) -> str:
+    """What decides the distilled weights besides the source checkpoint: the training settings, the
+    data and the seed. A finished child or a saved state is reused only for the same recipe, so
+    `--set gkd.tokens=...` on a finished run distills again instead of keeping the old child."""
+    from ..utils import fingerprint
+
+    settings = {k: v for k, v in cfg.gkd.model_dump(mode="json").items() if k not in _NOT_IN_RECIPE}
+    return fingerprint(settings, cfg.seed, getattr(data, "fingerprint", None), tuple(data.train.shape))
+
+
 def _read_done(path: Path) -> dict:
     try:
         done = json.loads(path.read_text())
@@ -130,12 +145,17 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
         raise PuzzleError(f"{source} not found; run `puzzlenas realize` first")
     source_ids = _checkpoint_ids(source)  # a re-realized source (new solution, same path) restarts GKD
     source_id = source_ids[0]
+    recipe = recipe_id(cfg, data)
     if done_file.is_file() and (out / "config.json").is_file():
         from ..workdir import path_fingerprint
 
         done = _read_done(done_file)
-        if done.get("source_id") in source_ids and done.get("child_fingerprint") in (None, path_fingerprint(out)):
+        # a done.json from before recipes were recorded: distill again, the settings may have changed
+        if (done.get("source_id") in source_ids and done.get("recipe") == recipe
+                and done.get("child_fingerprint") in (None, path_fingerprint(out))):
             return out
+        if rank == 0:
+            log.info("%s was distilled from another source or with other settings; distilling again", out)
     if g.batch_size % world:
         raise PuzzleError(f"gkd.batch_size={g.batch_size} must be divisible by the {world} torchrun processes")
     device = next(parent.parameters()).device
@@ -157,9 +177,9 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
     optimizer = adamw(child.parameters(), g.optim)
     step, history = 0, []
     if not sharded:
-        step, history = _resume_single(state_dir, child, optimizer, total_steps, source_ids, device)
+        step, history = _resume_single(state_dir, child, optimizer, recipe, source_ids, device)
     if not step:  # torchrun's sharded state: resumed on any number of processes (DCP reshards)
-        step, history = _resume_sharded(state_dir, child, optimizer, total_steps, source_ids, device)
+        step, history = _resume_sharded(state_dir, child, optimizer, recipe, source_ids, device)
     if step and rank == 0:
         log.info("resuming GKD from step %d/%d", step, total_steps)
     if not step and sharded and rank == 0 and (state_dir / "state.pt").is_file():
@@ -198,7 +218,7 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
             entry["val_kl"] = validation_kl(child, parent, val_ids)
         history.append(entry)
         if step % g.checkpoint_every == 0 or step == total_steps:
-            meta = {"total_steps": total_steps, "source_id": source_id, "history": history}
+            meta = {"total_steps": total_steps, "source_id": source_id, "recipe": recipe, "history": history}
             if sharded:
                 states.save_sharded(state_dir / "sharded", step, _sharded_state(child, optimizer), meta)
             elif rank == 0:
@@ -216,7 +236,8 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
         from ..workdir import path_fingerprint
 
         atomic_write_text(state_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-        atomic_write_json(done_file, {"source": str(source), "source_id": source_id, "child_fingerprint": path_fingerprint(out),
+        atomic_write_json(done_file, {"source": str(source), "source_id": source_id, "recipe": recipe,
+                                      "child_fingerprint": path_fingerprint(out),
                                       "steps": total_steps, "tokens": total_steps * tokens_per_step,
                                       "seconds": round(time.perf_counter() - t0, 1),
                                       "val_kl_before": history[0].get("val_kl"), "val_kl_after": history[-1].get("val_kl")})
@@ -229,12 +250,12 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
     return out
 
 
-def _resume_single(state_dir: Path, child, optimizer, total_steps: int, source_ids, device) -> tuple[int, list]:
+def _resume_single(state_dir: Path, child, optimizer, recipe: str, source_ids, device) -> tuple[int, list]:
     state_file = state_dir / "state.pt"
     if not state_file.is_file():
         return 0, []
     state = load_state(state_file, map_location=device)
-    if state.get("total_steps") != total_steps or state.get("source_id") not in source_ids:
+    if state.get("recipe") != recipe or state.get("source_id") not in source_ids:
         return 0, []
     child.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
@@ -249,7 +270,7 @@ def _sharded_state(child, optimizer) -> dict:
     return {"model": model_sd, "optim": optim_sd}
 
 
-def _resume_sharded(state_dir: Path, child, optimizer, total_steps: int, source_ids, device) -> tuple[int, list]:
+def _resume_sharded(state_dir: Path, child, optimizer, recipe: str, source_ids, device) -> tuple[int, list]:
     """Collective: load the newest complete sharded state, if it was written for this run."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -261,7 +282,7 @@ def _resume_sharded(state_dir: Path, child, optimizer, total_steps: int, source_
     if folder is None:
         return 0, []
     meta = states.read_meta(folder)
-    if meta.get("total_steps") != total_steps or meta.get("source_id") not in source_ids:
+    if meta.get("recipe") != recipe or meta.get("source_id") not in source_ids:
         return 0, []
     state = _sharded_state(child, optimizer)
     states.load_sharded(folder, state)
