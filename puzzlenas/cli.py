@@ -438,7 +438,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 models[p.name] = place_model(convert_parent(load_parent(p)[0], copy=False), f"convert={p}", device)
             paths[p.name] = p  # an engine serving from folders reads a plain Llama folder natively
         return evaluate_models(models, "parent", tokenizer, cfg, data.val, workdir / "eval",
-                               skip_lm_eval=args.no_lm_eval, paths=paths)
+                               skip_lm_eval=args.no_lm_eval, paths=paths, memo_dir=workdir / "eval-memo")
 
     if _torchrun():
         from .pipeline import run_split

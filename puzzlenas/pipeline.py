@@ -517,4 +517,5 @@ def _run_eval(cfg: PuzzleConfig, workdir: Path, ctx: Context) -> dict:
             raise PuzzleError(f"{path} is missing, so the {name} cannot be evaluated; run without --only to rebuild it")
         models[name] = place_model(load_checkpoint(path), f"checkpoint={path}", device)
     paths = {"parent": workdir / "parent", **candidates}
-    return evaluate_models(models, "parent", ctx.tokenizer, cfg, ctx.data.val, workdir / "eval", paths=paths)
+    return evaluate_models(models, "parent", ctx.tokenizer, cfg, ctx.data.val, workdir / "eval", paths=paths,
+                           memo_dir=workdir / "eval-memo")

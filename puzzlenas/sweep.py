@@ -3,9 +3,10 @@
     puzzlenas sweep CONFIG --targets 1.2 1.5 2.0 --workdir W
 
 data, bld, score and costs run once in W (skipped when done, as in `run`). Each target then gets
-its own work directory W/sweep/<t>x/ whose parent/, data/, library/, scores/ and costs/ are links
-to W's and whose stage markers of those four stages are copies of W's, so its pipeline starts at
-search and never trains a block: search, realize (with selection), gkd, baselines, eval and
+its own work directory W/sweep/<t>x/ whose parent/, data/, library/, scores/, costs/ and
+eval-memo/ (eval/memo.py: the parent's quality is measured once) are links to W's and whose
+stage markers of those four stages are copies of W's, so its pipeline starts at search and
+never trains a block: search, realize (with selection), gkd, baselines, eval and
 report, each skipped when done, so a killed sweep resumes where it stopped. Every child and
 baseline is distilled with the same gkd section (the same token budget).
 
@@ -29,7 +30,8 @@ from .workdir import SELECTION, baseline_file, read_baseline, read_selection, re
 log = logging.getLogger(__name__)
 
 SHARED = ("data", "bld", "score", "costs")  # run once in W; the targets only read their outputs
-SHARED_PATHS = ("parent", "data", "library", "scores", "costs")
+# eval-memo: the quality each model measured (eval/memo.py), so every target reuses the parent's
+SHARED_PATHS = ("parent", "data", "library", "scores", "costs", "eval-memo")
 PER_TARGET = ["search", "realize", "gkd", "baselines", "eval", "report"]
 MODELS = {"child": "child", "width": "width baseline", "depth": "depth baseline"}  # row -> name in eval results
 
@@ -74,6 +76,7 @@ def run_sweep(cfg: PuzzleConfig, workdir: str | Path, targets: list[float], prog
     for stage, status in run_pipeline(cfg, workdir, stages=list(SHARED), progress=progress).items():
         log.info("sweep: %-9s %s", stage, status)
     rows = {}
+    (workdir / "eval-memo").mkdir(exist_ok=True)
     for t in targets:
         sub = target_dir(workdir, t)
         link_shared(workdir, sub)

@@ -68,3 +68,42 @@ def _request(context: str, continuation: str):
     from lm_eval.api.instance import Instance
 
     return Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation), idx=0)
+
+
+def test_quality_is_measured_once_per_weights_and_speed_every_time(tmp_path, monkeypatch):
+    """eval-memo: a second eval of the same models reads their quality back (a killed eval resumes,
+    a sweep target reuses the parent's); changed weights or settings are measured again; speed is
+    always timed."""
+    from conftest import make_tiny_tokenizer
+
+    import puzzlenas.eval as ev
+    from puzzlenas.checkpoint import convert_parent
+
+    parent = convert_parent(make_tiny_parent("llama", seed=0)).eval()
+    other = convert_parent(make_tiny_parent("llama", seed=1)).eval()
+    cfg = config_from_dict({"target": {"engine": "torch"},
+                            "eval": {"task_data_dir": str(SHARED_DATA), "ppl_context": 32, "ppl_max_tokens": 128,
+                                     "kl_sequences": 2, "speed_repeats": 1},
+                            "costs": {"scenario": {"batch_size": 1, "prompt_len": 8, "generate_len": 2}}})
+    val = torch.randint(0, 80, (2, 16), generator=torch.Generator().manual_seed(0))
+    measured = []
+    real_ppl = ev.wikitext_perplexity
+    monkeypatch.setattr(ev, "wikitext_perplexity", lambda model, *a: measured.append(model) or real_ppl(model, *a))
+
+    def evaluate(models, **kw):
+        return ev.evaluate_models(models, "parent", make_tiny_tokenizer(), cfg, val, tmp_path / "eval", skip_lm_eval=True,
+                                  memo_dir=tmp_path / "memo", **kw)
+
+    first = evaluate({"parent": parent, "other": other})
+    assert measured == [parent, other] and len(list((tmp_path / "memo").glob("*.json"))) == 2
+    again = evaluate({"parent": parent, "renamed": other})
+    assert measured == [parent, other]  # nothing measured twice
+    assert again["models"]["renamed"]["kl"] == first["models"]["other"]["kl"]
+    assert again["models"]["renamed"]["speed"]["rounds"] != first["models"]["other"]["speed"]["rounds"]  # timed again
+    with torch.no_grad():
+        other.lm_head.weight.add_(0.01)  # an edit in place: new weights, measured again
+    evaluate({"parent": parent, "other": other})
+    assert measured == [parent, other, other]
+    cfg.eval.ppl_context = 16  # another setting: everything again
+    evaluate({"parent": parent, "other": other})
+    assert measured == [parent, other, other, parent, other]

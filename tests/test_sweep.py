@@ -40,12 +40,18 @@ def test_sweep_reuses_library_and_scores(tmp_path):
     assert shared_state(work) == before  # no block trained, scored or costed again
     for t in ("1.2x", "1.5x"):
         sub = work / "sweep" / t
-        assert (sub / "library").is_symlink() and (sub / "scores").is_symlink()
+        assert (sub / "library").is_symlink() and (sub / "scores").is_symlink() and (sub / "eval-memo").is_symlink()
         cfg = yaml.safe_load((sub / "config.yaml").read_text())
         assert cfg["search"]["throughput"] == float(t[:-1])
         assert (sub / "search" / "selection.json").is_file() and (sub / "eval" / "results.json").is_file()
         assert not list(sub.glob("stages/bld*")) or json.loads((sub / "stages" / "bld.json").read_text()) == \
             json.loads((work / "stages" / "bld.json").read_text())
+    # the parent's quality was measured for the first target only; the second read it back (eval/memo.py)
+    measured = [json.loads(f.read_text())["model"] for f in (work / "eval-memo").glob("*.json")]
+    assert measured.count("parent") == 1, measured
+    parents = [json.loads((work / "sweep" / t / "eval" / "results.json").read_text())["models"]["parent"]
+               for t in ("1.2x", "1.5x")]
+    assert parents[0]["wikitext2"] == parents[1]["wikitext2"]
     sweep = json.loads((work / "report" / "sweep.json").read_text())
     assert sweep["targets"] == [1.2, 1.5] and list(sweep["rows"]) == ["1.2x", "1.5x"]
     for t, rows in sweep["rows"].items():

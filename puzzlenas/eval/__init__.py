@@ -180,9 +180,12 @@ def task_scores(results: dict, name: str) -> dict:
 
 
 def evaluate_models(models: dict, parent_name: str, tokenizer, cfg, val_ids: torch.Tensor, out_dir: Path,
-                    skip_lm_eval: bool = False, progress: bool = True, paths: dict | None = None) -> dict:
+                    skip_lm_eval: bool = False, progress: bool = True, paths: dict | None = None,
+                    memo_dir: Path | None = None) -> dict:
     """Every metric for every model in `models` (name -> model); `parent_name` is the reference.
-    `paths` (name -> checkpoint folder) is needed when the target engine serves from folders (vLLM)."""
+    `paths` (name -> checkpoint folder) is needed when the target engine serves from folders (vLLM).
+    With `memo_dir`, a model's quality (not its speed) measured before with the same weights, parent
+    and settings is read from there instead of measured again (memo.py)."""
     if tokenizer is None:
         raise PuzzleError("evaluation needs a tokenizer; the parent checkpoint has none")
     e = cfg.eval
@@ -193,8 +196,24 @@ def evaluate_models(models: dict, parent_name: str, tokenizer, cfg, val_ids: tor
         raise PuzzleError(problem)
     wikitext = data.wikitext_text()
     parent = models[parent_name]
+    memo = None
+    if memo_dir is not None and not _split_ranks(parent) and _world() == 1:  # a split model: each rank holds a share
+        from ..workdir import file_fingerprint
+        from .data import local_task_files
+        from .memo import QualityMemo, settings_of
+
+        settings = settings_of(e, tasks, data.source, wikitext, val_ids)
+        settings["task_files"] = {t: file_fingerprint(data.local / local_task_files()[t]) for t in tasks if data.has_local(t)}
+        memo = QualityMemo(memo_dir, parent, settings)
     results: dict[str, dict] = {}
     for name, model in models.items():
+        key = memo.key(model) if memo else None
+        kept = memo.get(key) if memo else None
+        if kept is not None:
+            log.info("%s: quality as measured before (the same weights, parent and settings: %s)", name,
+                     Path(memo_dir) / f"{key}.json")
+            results[name] = kept
+            continue
         log.info("evaluating %s", name)
         # num_parameters: a model split over the ranks (model/split.py) holds only its share here
         r: dict = {"params": model.num_parameters() if hasattr(model, "num_parameters")
@@ -204,6 +223,8 @@ def evaluate_models(models: dict, parent_name: str, tokenizer, cfg, val_ids: tor
         if tasks:
             r["tasks"] = lm_eval_accuracy(model, tokenizer, data, tasks, out_dir, e.limit, e.batch_size)
         results[name] = r
+        if memo:
+            memo.put(key, name, r)
     speed, scenario = measure_speed(models, parent_name, cfg, paths)
     for name in results:
         results[name]["speed"] = speed[name]
@@ -250,6 +271,12 @@ def measure_speed(models: dict, parent_name: str, cfg, paths: dict | None = None
                      "total_speedup": ratios["total"]["median"], "spread": ratios, "engine": label,
                      "rounds": t.to_dict()}
     return out, scenario
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _split_ranks(model) -> int:
