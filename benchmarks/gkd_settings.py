@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> str:
         c.gkd.tokens, c.gkd.batch_size, c.gkd.optim.lr = args.tokens, batch, lr
         c.gkd.dtype = dtype or c.gkd.dtype
         c.gkd.val_every = c.gkd.checkpoint_every = 10**6  # validation only at the start and the end
-        # the token budget is in the name: distill() reuses a finished folder whatever budget made it
+        # the token budget is in the name, so variants at several budgets are kept side by side (a folder
+        # distilled with another recipe would be distilled again over the old one)
         name = f"{batch}x{lr:g}" + (f"-{dtype}" if dtype else "") + f"-{args.tokens}tok"
         out = work / "gkd-settings" / name
         t0 = time.perf_counter()
