@@ -197,14 +197,16 @@ def evaluate_models(models: dict, parent_name: str, tokenizer, cfg, val_ids: tor
     wikitext = data.wikitext_text()
     parent = models[parent_name]
     memo = None
-    if memo_dir is not None and not _split_ranks(parent) and _world() == 1:  # a split model: each rank holds a share
+    from ..training import rank_world
+
+    if memo_dir is not None and not _split_ranks(parent) and rank_world()[1] == 1:  # under torchrun: a rank's share
         from ..workdir import file_fingerprint
         from .data import local_task_files
         from .memo import QualityMemo, settings_of
 
-        settings = settings_of(e, tasks, data.source, wikitext, val_ids)
+        settings = settings_of(e, tasks, data.source)
         settings["task_files"] = {t: file_fingerprint(data.local / local_task_files()[t]) for t in tasks if data.has_local(t)}
-        memo = QualityMemo(memo_dir, parent, settings)
+        memo = QualityMemo(memo_dir, parent, settings, wikitext, val_ids[: e.kl_sequences])
     results: dict[str, dict] = {}
     for name, model in models.items():
         key = memo.key(model) if memo else None
@@ -271,12 +273,6 @@ def measure_speed(models: dict, parent_name: str, cfg, paths: dict | None = None
                      "total_speedup": ratios["total"]["median"], "spread": ratios, "engine": label,
                      "rounds": t.to_dict()}
     return out, scenario
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _split_ranks(model) -> int:

@@ -13,41 +13,34 @@ Speed is never kept: every run times its models together, in turns (eval/__init_
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 from pathlib import Path
 
 import torch
 
 from ..utils import atomic_write_json, fingerprint
 
-log = logging.getLogger(__name__)
-
 
 def weights_id(model) -> str:
-    """A hash of the model's architecture and every tensor's bytes: the same id only for the same
-    weights (a second or so for 135M parameters; file stamps would miss an in-place edit)."""
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    h.update((config.to_json_string() if hasattr(config, "to_json_string") else repr(config)).encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{t.numel()};".encode())
-        h.update(t.view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
+    """A hash of the model's config and every tensor's bytes in full: the same id only for the same
+    weights (a second or so for 135M parameters; utils.model_fingerprint samples 64 values per
+    tensor, enough to tell parents apart, not to be sure two children are the same)."""
+    # the config's differences from its defaults: to_dict() also holds where it was loaded from
+    config = model.config.to_json_string() if hasattr(model, "config") else ""
+    return fingerprint(config, *(part for name, t in sorted(model.state_dict().items()) for part in (name, t)))
 
 
 class QualityMemo:
     """memo_dir/<key>.json: {"model": the name it was measured under, "quality": its results}."""
 
-    def __init__(self, memo_dir: Path, parent, settings: dict):
+    def __init__(self, memo_dir: Path, parent, settings: dict, wikitext: str, val_ids: torch.Tensor):
         self.dir = Path(memo_dir)
+        self.parent, self.parent_id = parent, weights_id(parent)  # the parent is also evaluated: hashed once
         # everything besides the model itself that its quality figures depend on
-        self.context = fingerprint(weights_id(parent), settings)
+        self.context = fingerprint(self.parent_id, settings, wikitext, val_ids)
 
     def key(self, model) -> str:
-        return fingerprint(self.context, weights_id(model))
+        return fingerprint(self.context, self.parent_id if model is self.parent else weights_id(model))
 
     def get(self, key: str) -> dict | None:
         path = self.dir / f"{key}.json"
@@ -63,9 +56,8 @@ class QualityMemo:
         atomic_write_json(self.dir / f"{key}.json", {"model": name, "quality": quality})
 
 
-def settings_of(e, tasks: list[str], data_source: str, wikitext: str, val_ids: torch.Tensor) -> dict:
-    """The evaluation settings and data a quality result depends on (not speed_repeats: speed is
-    never kept)."""
+def settings_of(e, tasks: list[str], data_source: str) -> dict:
+    """The evaluation settings a quality result depends on (not speed_repeats: speed is never kept)."""
     version = None
     if tasks:
         from importlib.metadata import version as package_version
@@ -73,6 +65,4 @@ def settings_of(e, tasks: list[str], data_source: str, wikitext: str, val_ids: t
         version = package_version("lm_eval")
     return {"ppl_context": e.ppl_context, "ppl_max_tokens": e.ppl_max_tokens, "kl_sequences": e.kl_sequences,
             "batch_size": e.batch_size, "limit": e.limit if tasks else None, "tasks": list(tasks),
-            "lm_eval": version, "eval_data": data_source,
-            "wikitext": hashlib.sha256(wikitext.encode()).hexdigest()[:16],
-            "val": hashlib.sha256(val_ids[: e.kl_sequences].contiguous().numpy().tobytes()).hexdigest()[:16]}
+            "lm_eval": version, "eval_data": data_source}
