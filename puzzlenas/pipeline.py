@@ -49,8 +49,8 @@ def load_context(cfg: PuzzleConfig, workdir: Path, device: torch.device | None =
     parent, tokenizer, fp = prepare_parent(cfg.parent, workdir)
     if _split is not None:  # torchrun, data/eval.parallel=layers: the parent is rank 0's SplitLM from here on
         parent = _split.share(parent, f"parent={cfg.parent}")
+    parent.to(device or pick_device())  # before the data: the parent writes its text on the device it runs on
     data = prepare_data(cfg.data, tokenizer, workdir, model=parent, model_fingerprint=fp)
-    parent.to(device or pick_device())
     return Context(parent, tokenizer, fp, data)
 
 
