@@ -13,14 +13,16 @@ This prints, per way:
   tok/s      generated tokens per second, median over --rounds rounds of one batch each, the
              precisions interleaved round by round (this machine is shared), with the spread
   fp32 NLL   the fp32 parent's mean negative log-likelihood of the text written (nats per token):
-             the text is the parent's either way if it is the same in both columns, within the
-             spread between rounds
+             the text is the parent's whichever way wrote it if this is the same in every row,
+             within the spread between rounds
 Every round uses another seed, the same for each way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import statistics
 import tempfile
 import time
@@ -52,9 +54,6 @@ def main(argv: list[str] | None = None) -> None:
             logits = parent(chunk).logits[:, :-1].float()
             total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
         return total.item() / (seqs.shape[0] * (seqs.shape[1] - 1))
-
-    import contextlib
-    import copy
 
     bf16_copy = copy.deepcopy(parent).to(torch.bfloat16)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
