@@ -358,7 +358,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .sweep import run_sweep
 
     # Without a CONFIG the sweep takes the same preset as `puzzlenas run`, so a sweep over a run's
-    # work directory reuses its data, library and scores instead of redoing them at other settings.
+    # work directory reuses its data, library and scores instead of redoing them at other settings,
+    # and the run's own target (its child and baselines) instead of distilling it again.
     args.config = _config_or_preset(args)
     run_sweep(_load_cfg(args), Path(args.workdir), args.targets, progress=not args.quiet)
     print((Path(args.workdir) / "report" / "sweep.md").read_text())

@@ -2,7 +2,8 @@
 
     puzzlenas sweep CONFIG --targets 1.2 1.5 2.0 --workdir W
 
-data, bld, score and costs run once in W (skipped when done, as in `run`). Each target then gets
+data, bld, score and costs run once in W (skipped when done, as in `run`). The target the config
+itself names (search.throughput) runs in W, as `puzzlenas run` would; every other target gets
 its own work directory W/sweep/<t>x/ whose parent/, data/, library/, scores/, costs/ and
 eval-memo/ (eval/memo.py: the parent's quality is measured once) are links to W's and whose
 stage markers of those four stages are copies of W's, so its pipeline starts at search and
@@ -38,6 +39,14 @@ MODELS = {"child": "child", "width": "width baseline", "depth": "depth baseline"
 
 def target_dir(workdir: Path, target: float) -> Path:
     return Path(workdir) / "sweep" / f"{target:g}x"
+
+
+def target_folder(cfg: PuzzleConfig, workdir: Path, target: float) -> Path:
+    """Where a target's stages run: W itself for the target the config names (what `puzzlenas run`
+    computes there, so a sweep over a finished run reuses its child and baselines instead of
+    distilling them again in a copy), else W/sweep/<t>x/."""
+    own = cfg.search.throughput is not None and abs(float(target) - cfg.search.throughput) < 1e-9
+    return Path(workdir) if own else target_dir(workdir, target)
 
 
 def link_shared(workdir: Path, sub: Path) -> None:
@@ -77,25 +86,33 @@ def run_sweep(cfg: PuzzleConfig, workdir: str | Path, targets: list[float], prog
         log.info("sweep: %-9s %s", stage, status)
     rows = {}
     (workdir / "eval-memo").mkdir(exist_ok=True)
+    folders = {}
     for t in targets:
-        sub = target_dir(workdir, t)
-        link_shared(workdir, sub)
+        sub = target_folder(cfg, workdir, t)
+        if sub != workdir:
+            link_shared(workdir, sub)
         cfg_t = cfg.model_copy(deep=True)
         cfg_t.search = cfg_t.search.model_copy(update={"throughput": float(t)})
         log.info("sweep: target %gx in %s", t, sub)
         for stage, status in run_pipeline(cfg_t, sub, stages=PER_TARGET, progress=progress).items():
             log.info("sweep %gx: %-9s %s", t, stage, status)
         rows[f"{t:g}x"] = target_rows(sub)
+        folders[f"{t:g}x"] = os.path.relpath(sub, workdir)
     sweep = {"targets": [float(t) for t in targets], "engine": cfg.target.engine, "gkd_tokens": cfg.gkd.tokens,
-             "rows": rows}
+             "rows": rows, "folders": folders}
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     sweep_figure(sweep, out / "sweep.png")
     atomic_write_text(out / "sweep.md", "# Pareto sweep\n\n![sweep](sweep.png)\n\n" + format_sweep(sweep) + "\n")
     atomic_write_json(out / "sweep.json", sweep)  # its presence means the table and plot are complete
-    from .report import write_report
+    if "." in folders.values():
+        # W's report is then its own target's report stage: redo it there, so the marker records the
+        # report.md that now holds the sweep section (else the next run would see it changed)
+        run_pipeline(cfg, workdir, only="report", progress=progress)
+    else:
+        from .report import write_report
 
-    write_report(workdir)  # W's report: the sweep section (W has no search or eval of its own)
+        write_report(workdir)  # W's report: the sweep section alone (W has no search or eval of its own)
     return sweep
 
 

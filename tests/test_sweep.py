@@ -11,6 +11,7 @@ import yaml
 from conftest import make_tiny_parent, make_tiny_tokenizer
 
 from puzzlenas.cli import main
+from puzzlenas.sweep import SHARED as sweep_shared
 
 
 def shared_state(work: Path) -> dict[str, tuple[int, int]]:
@@ -38,9 +39,12 @@ def test_sweep_reuses_library_and_scores(tmp_path):
     assert any(k.startswith("library/blocks/") for k in before)
     assert main([*args, "1.2", "1.5x"]) == 0  # the first target is done; the second reads W's library
     assert shared_state(work) == before  # no block trained, scored or costed again
-    for t in ("1.2x", "1.5x"):
-        sub = work / "sweep" / t
-        assert (sub / "library").is_symlink() and (sub / "scores").is_symlink() and (sub / "eval-memo").is_symlink()
+    # 1.5x is the config's own target (search.throughput's default): it runs in W, as `puzzlenas run` would
+    assert not (work / "sweep" / "1.5x").exists()
+    folders = {"1.2x": work / "sweep" / "1.2x", "1.5x": work}
+    sub = folders["1.2x"]
+    assert (sub / "library").is_symlink() and (sub / "scores").is_symlink() and (sub / "eval-memo").is_symlink()
+    for t, sub in folders.items():
         cfg = yaml.safe_load((sub / "config.yaml").read_text())
         assert cfg["search"]["throughput"] == float(t[:-1])
         assert (sub / "search" / "selection.json").is_file() and (sub / "eval" / "results.json").is_file()
@@ -49,13 +53,13 @@ def test_sweep_reuses_library_and_scores(tmp_path):
     # the parent's quality was measured for the first target only; the second read it back (eval/memo.py)
     measured = [json.loads(f.read_text())["model"] for f in (work / "eval-memo").glob("*.json")]
     assert measured.count("parent") == 1, measured
-    parents = [json.loads((work / "sweep" / t / "eval" / "results.json").read_text())["models"]["parent"]
-               for t in ("1.2x", "1.5x")]
+    parents = [json.loads((sub / "eval" / "results.json").read_text())["models"]["parent"] for sub in folders.values()]
     assert parents[0]["wikitext2"] == parents[1]["wikitext2"]
     sweep = json.loads((work / "report" / "sweep.json").read_text())
     assert sweep["targets"] == [1.2, 1.5] and list(sweep["rows"]) == ["1.2x", "1.5x"]
+    assert sweep["folders"] == {"1.2x": "sweep/1.2x", "1.5x": "."}
     for t, rows in sweep["rows"].items():
-        results = json.loads((work / "sweep" / t / "eval" / "results.json").read_text())["models"]
+        results = json.loads((folders[t] / "eval" / "results.json").read_text())["models"]
         assert rows["child"]["kl"] == results["child"]["kl"]
         assert rows["child"]["speedup"] == results["child"]["speed"]["total_speedup"]
         for name in ("width", "depth"):
@@ -63,11 +67,14 @@ def test_sweep_reuses_library_and_scores(tmp_path):
     table = (work / "report" / "sweep.md").read_text()
     assert "| 1.2x | child" in table and "| 1.5x | child" in table
     assert (work / "report" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert "## Pareto sweep" in (work / "report" / "report.md").read_text()
-    assert "## Selection among the diverse solutions" in (work / "sweep" / "1.5x" / "report" / "report.md").read_text()
+    report = (work / "report" / "report.md").read_text()  # W's own target's sections, then the sweep's
+    assert "## Selection among the diverse solutions" in report and "## Pareto sweep" in report
+    assert "## Selection among the diverse solutions" in (work / "sweep" / "1.2x" / "report" / "report.md").read_text()
 
     # everything done: a rerun of the sweep redoes no stage of any target
-    markers = {p: p.stat().st_mtime_ns for p in sorted(work.glob("sweep/*/stages/*.json"))
-               if p.stem not in ("data", "bld", "score", "costs")}
+    # (not W's report stage, redone by every sweep to write the combined table into W's report, nor
+    # the targets' copies of W's shared markers, copied again by every sweep)
+    markers = {p: p.stat().st_mtime_ns for p in sorted([*work.glob("sweep/*/stages/*.json"), *work.glob("stages/*.json")])
+               if p != work / "stages" / "report.json" and not (p.parent.parent != work and p.stem in sweep_shared)}
     assert main([*args, "1.2", "1.5"]) == 0
     assert {p: p.stat().st_mtime_ns for p in markers} == markers
