@@ -2,6 +2,7 @@
 
     python benchmarks/gkd_settings.py --workdir W [--tokens 8192] [--variants 8:5e-5,8:2e-4,2:1e-4,2:3e-4]
     python benchmarks/gkd_settings.py --workdir W --variants 2:2e-4:float32,2:2e-4:bfloat16
+    python benchmarks/gkd_settings.py --workdir W --tokens 131072 --variants 2:5e-4 --with-run-child
 
 W is a work directory whose realize stage has finished (e.g. `puzzlenas run --preset quick`); its
 config.yaml is the configuration used and its chosen solution (search/selection.json) the child.
@@ -15,6 +16,8 @@ on a CPU with native bf16 the precision decides how many tokens an hour buys. Ea
   WikiText-2 ppl eval.ppl_context / eval.ppl_max_tokens, from the start of the test file
   tok/s          the variant's own training throughput (seconds in gkd's done.json; this machine,
                  whatever else ran on it)
+--with-run-child adds a row for W's own distilled child (W/child, gkd's done.json): the run's
+own GKD setting, measured the same way, without distilling it again.
 Variants go to W/gkd-settings/<batch>x<lr>[-<dtype>]-<tokens>tok/; the table to W/gkd-settings.md.
 """
 
@@ -32,7 +35,7 @@ log = logging.getLogger("gkd_settings")
 def parse_variants(text: str) -> list[tuple[int, float, str | None]]:
     """"8:5e-5,2:2e-4:bfloat16" -> [(8, 5e-5, None), (2, 2e-4, "bfloat16")]: batch:lr[:dtype]."""
     out = []
-    for item in text.split(","):
+    for item in filter(None, text.split(",")):  # "" -> none: only the parent, realized and --with-run-child rows
         batch, lr, *dtype = item.split(":")
         out.append((int(batch), float(lr), dtype[0] if dtype else None))
     return out
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--variants", default="8:5e-5,8:2e-4,2:1e-4,2:3e-4",
                     help="batch:lr[:dtype], comma-separated (dtype: float32, bfloat16 or auto)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--with-run-child", action="store_true",
+                    help="also measure W's own distilled child (W/child): the run's GKD setting, not trained again")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")
@@ -75,6 +80,13 @@ def main(argv: list[str] | None = None) -> str:
 
     rows = [{"variant": "parent", **measure(ctx.parent)}]
     rows.append({"variant": "realized, no GKD", **measure(load_checkpoint(source).eval())})
+    if args.with_run_child:
+        done = json.loads((work / "gkd" / "done.json").read_text())
+        g = cfg.gkd
+        rows.append({"variant": f"W/child: {g.batch_size}x{g.optim.lr:g}-{done['tokens']}tok", "batch": g.batch_size,
+                     "lr": g.optim.lr, "steps": done["steps"], "tokens": done["tokens"],
+                     "tok_s": done["tokens"] / done["seconds"], "val_kl_before": done["val_kl_before"],
+                     "val_kl_after": done["val_kl_after"], **measure(load_checkpoint(work / "child").eval())})
     for batch, lr, dtype in parse_variants(args.variants):
         c = cfg.model_copy(deep=True)
         c.gkd.tokens, c.gkd.batch_size, c.gkd.optim.lr = args.tokens, batch, lr
