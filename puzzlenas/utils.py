@@ -171,7 +171,7 @@ def cpu_bf16_is_faster(size: int = 512, repeats: int = 7) -> bool:
     a day. No flag reports this portably across x86 and ARM; a timing of a few ms does. The two
     are timed in turns after a warm-up (the first bf16 call builds its kernels), and each keeps its
     fastest round: a neighbour's load slows a round, never speeds one up. (A 256-wide, 3-round
-    median flipped to "slower" on an AVX512-BF16 machine right after a busy minute.)
+    median once said "slower" on an AVX512-BF16 machine, and a GKD trained in fp32.)
     """
     a = torch.randn(size, size)
     b = torch.randn(size, size)
