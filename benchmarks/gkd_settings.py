@@ -78,15 +78,19 @@ def main(argv: list[str] | None = None) -> str:
                                          e.batch_size)["perplexity"]
         return out
 
+    def trained_row(name: str, batch: int, lr: float, gkd_dir: Path, child) -> dict:
+        """A distilled child's row: its GKD run's record (gkd_dir/done.json) and its measures."""
+        done = json.loads((gkd_dir / "done.json").read_text())
+        return {"variant": name, "batch": batch, "lr": lr, "steps": done["steps"], "tokens": done["tokens"],
+                "tok_s": done["tokens"] / done["seconds"], "val_kl_before": done["val_kl_before"],
+                "val_kl_after": done["val_kl_after"], **measure(child)}
+
     rows = [{"variant": "parent", **measure(ctx.parent)}]
     rows.append({"variant": "realized, no GKD", **measure(load_checkpoint(source).eval())})
     if args.with_run_child:
-        done = json.loads((work / "gkd" / "done.json").read_text())
         g = cfg.gkd
-        rows.append({"variant": f"W/child: {g.batch_size}x{g.optim.lr:g}-{done['tokens']}tok", "batch": g.batch_size,
-                     "lr": g.optim.lr, "steps": done["steps"], "tokens": done["tokens"],
-                     "tok_s": done["tokens"] / done["seconds"], "val_kl_before": done["val_kl_before"],
-                     "val_kl_after": done["val_kl_after"], **measure(load_checkpoint(work / "child").eval())})
+        rows.append(trained_row(f"W/child: {g.batch_size}x{g.optim.lr:g}-{g.tokens}tok", g.batch_size, g.optim.lr,
+                                work / "gkd", load_checkpoint(work / "child").eval()))
     for batch, lr, dtype in parse_variants(args.variants):
         c = cfg.model_copy(deep=True)
         c.gkd.tokens, c.gkd.batch_size, c.gkd.optim.lr = args.tokens, batch, lr
@@ -100,11 +104,8 @@ def main(argv: list[str] | None = None) -> str:
         child_dir = gkd.distill(c, source, out / "child", out / "gkd", ctx.parent, ctx.data, ctx.tokenizer,
                                 progress=not args.quiet)
         wall = time.perf_counter() - t0
-        done = json.loads((out / "gkd" / "done.json").read_text())
         child = load_checkpoint(child_dir).eval()
-        rows.append({"variant": name, "batch": batch, "lr": lr, "steps": done["steps"], "tokens": done["tokens"],
-                     "tok_s": done["tokens"] / done["seconds"], "wall_s": wall, "val_kl_before": done["val_kl_before"],
-                     "val_kl_after": done["val_kl_after"], **measure(child)})
+        rows.append({**trained_row(name, batch, lr, out / "gkd", child), "wall_s": wall})
         log.info("%s: %s", name, rows[-1])
         del child
     kls = [k for k in rows[0] if k.startswith("kl_")]
