@@ -174,6 +174,27 @@ def test_bld_lowers_validation_nmse_and_writes_library(tiny_workdir):
     assert before == after
 
 
+def test_a_block_that_training_made_worse_keeps_its_initialization(tiny_workdir):
+    """At a learning rate far too high for some blocks, those come back as initialized (their
+    held-out nmse at init, the trained one recorded beside it), and none is worse than its start."""
+    tmp, _ = tiny_workdir
+    hot = {**TINY_CFG, "bld": {**TINY_CFG["bld"], "tokens": 1024, "lr": 0.3}}
+    library, parent, data = _run_bld_inprocess(tmp / "w", hot, tmp / "parent")
+    trained = [r for r in library.records().values() if r["file"]]
+    kept = [r for r in trained if r.get("kept_initialization")]
+    assert kept, "lr 0.3 should overshoot some block"
+    for r in trained:
+        assert r["val_nmse"] <= r["val_nmse_init"], r
+    for r in kept:
+        assert r["val_nmse_trained"] > r["val_nmse_init"] == r["val_nmse"], r
+    # what was saved is the initialization: its held-out nmse measured again from the file
+    r = kept[0]
+    alt = Alternative(r["layer"], r["sub"], r["kind"], r["size"])
+    block = build_subblock(parent.config, alt)
+    block.load_state_dict(load_file(tmp / "w" / "library" / "blocks" / r["file"]))
+    assert bld.validation_nmse({alt: block}, parent, data.val)[alt] == pytest.approx(r["val_nmse_init"], rel=1e-5)
+
+
 def test_bld_in_passes_trains_the_same_blocks_as_all_at_once(tiny_workdir, caplog):
     """bld.alternatives_per_pass=2: 15 alternatives in 8 passes, each over the same batches with
     its own optimizer, so every block equals the one trained with all the others, bit for bit."""

@@ -262,6 +262,21 @@ def test_bld_with_the_parents_layers_split_over_two_ranks_equals_one_rank(bld_on
     assert len(seconds[0] | seconds[1]) == 1 and len(seconds[2]) == 1
 
 
+def test_layer_split_bld_keeps_initializations_like_one_rank(bld_one):
+    """At an lr that overshoots some blocks, both ranks run the passes that initialize them again
+    (each rank's own blocks, the other relaying), and the library equals one process's."""
+    tmp, args = bld_one
+    hot = ["--set", "bld.lr=0.3"]  # TINY_CFG sets the old place
+    for name in ("hot-one", "hot-two"):
+        shutil.copytree(tmp / "one", tmp / name, ignore=shutil.ignore_patterns("library"))
+    finish(start_cli([*args[:-2], *hot, "--workdir", str(tmp / "hot-one")]))
+    finish(torchrun([*args, *hot, "--workdir", str(tmp / "hot-two")]))
+    one, two = _records(tmp / "hot-one"), _records(tmp / "hot-two")
+    kept = {name for name, r in one.items() if r.get("kept_initialization")}
+    assert kept and kept == {name for name, r in two.items() if r.get("kept_initialization")}
+    _assert_same_library(tmp / "hot-one", tmp / "hot-two", atol=0)
+
+
 def test_layer_split_bld_in_passes_equals_one_rank(bld_one):
     """bld.alternatives_per_pass=4 with the layers split: rank 0 trains its 10 alternatives in 3
     passes, rank 1 its 5 in 2 and relays rank 0's third pass with nothing of its own to train."""

@@ -279,6 +279,7 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
     for b in blocks.values():
         b.eval()
     final_val = validation_nmse(blocks, parent, data.val.to(device), trace=trace)
+    trained_val = _keep_initialization_where_better(cfg, parent, data, blocks, final_val, state, device, trace, pipeline)
     for a in mine:
         described = {"attention": a.attention.name, "ffn": a.ffn.name} if a.sub == "pair" else {"kind": a.kind, "size": a.size}
         record = {
@@ -293,9 +294,39 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
             "file": library.block_path(a).name,
         }
         record.update(state["extra"].get(a.name, {}))
+        if a in trained_val:
+            record.update(kept_initialization=True, val_nmse_trained=trained_val[a])
         kill_point("bld.save_block", a.name)
         library.save_block(a, {k: v.float() if v.is_floating_point() else v for k, v in blocks[a].state_dict().items()}, record)
     state_file.unlink(missing_ok=True)
+
+
+def _keep_initialization_where_better(cfg, parent, data, blocks, final_val, state, device, trace, pipeline) -> dict:
+    """Put back the initialization of every block whose held-out nmse training made worse.
+
+    A learning rate that suits most blocks can overshoot a few: a linear block starts at its
+    least-squares fit, where a large step leads away. Such a block is initialized again (the
+    same deterministic fit) and `final_val` updated; returns {block: its trained val nmse}. The
+    choice rests on the validation sequences, as the records' val_nmse always has."""
+    worse = [a for a in blocks if final_val[a] > state["val_init"][a.name]]
+    if pipeline is not None and not reduce_int(bool(worse), "max"):  # collective: every rank asks
+        return {}
+    if pipeline is None and not worse:
+        return {}
+    fresh = {a: build_unit(parent.config, a).to(device) for a in worse}
+    # a pipeline rank with none of its own still runs the passes: the others' activations go through it
+    again = _fresh_state(cfg, parent, data, fresh, [a.name for a in worse], 0, device, trace)
+    trained_val = {}
+    for a in worse:
+        trained_val[a] = final_val[a]
+        blocks[a] = fresh[a].eval()
+        final_val[a] = again["val_init"][a.name]
+    if worse:
+        log.warning("%d of %d blocks keep their initialization: training raised their held-out nmse (%s); "
+                    "a lower bld.optim.lr may train them", len(worse), len(blocks),
+                    ", ".join(f"{a.name} {state['val_init'][a.name]:.4f} -> {trained_val[a]:.4f}" for a in worse[:4])
+                    + (", ..." if len(worse) > 4 else ""))
+    return trained_val
 
 
 def _fresh_state(cfg, parent, data, blocks, names, total_steps, device, trace=trace_parent) -> dict:
