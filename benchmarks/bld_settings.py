@@ -15,13 +15,14 @@ Variants go to W/bld-settings/<batch>x<lr>-<tokens>tok/library; the table to W/b
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from workdir_cli import open_run, parser
 
 log = logging.getLogger("bld_settings")
 
@@ -52,23 +53,15 @@ def nmse_by_kind(library_dir: Path) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", required=True)
+    ap = parser(__doc__)
     ap.add_argument("--tokens", type=int, default=None, help="BLD tokens per variant (default: the config's bld.tokens)")
     ap.add_argument("--variants", default="8:1e-4,2:1e-3,2:3e-3", help="batch:lr, comma-separated")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")
+    work, cfg, ctx = open_run(args)
 
     from puzzlenas import bld
-    from puzzlenas.config import load_config
-    from puzzlenas.pipeline import context
     from puzzlenas.utils import atomic_write_json, atomic_write_text
 
-    work = Path(args.workdir)
-    cfg = load_config(work / "config.yaml", args.set)
-    ctx = context(cfg, work)
     tokens = args.tokens or cfg.bld.tokens
     results = {}
     for batch, lr in parse_variants(args.variants):

@@ -23,11 +23,12 @@ Variants go to W/gkd-settings/<batch>x<lr>[-<dtype>]-<tokens>tok/; the table to 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 from pathlib import Path
+
+from workdir_cli import open_run, parser
 
 log = logging.getLogger("gkd_settings")
 
@@ -42,31 +43,23 @@ def parse_variants(text: str) -> list[tuple[int, float, str | None]]:
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", required=True)
+    ap = parser(__doc__)
     ap.add_argument("--tokens", type=int, default=8192, help="GKD tokens per variant")
     ap.add_argument("--variants", default="8:5e-5,8:2e-4,2:1e-4,2:3e-4",
                     help="batch:lr[:dtype], comma-separated (dtype: float32, bfloat16 or auto)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--with-run-child", action="store_true",
                     help="also measure W's own distilled child (W/child): the run's GKD setting, not trained again")
-    ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")
+    work, cfg, ctx = open_run(args)
 
     from puzzlenas import gkd
     from puzzlenas.checkpoint.io import load_checkpoint
-    from puzzlenas.config import load_config
     from puzzlenas.eval import kl_and_agreement, wikitext_perplexity
     from puzzlenas.eval.data import resolve_eval_data
-    from puzzlenas.pipeline import context
     from puzzlenas.realize.selection import chosen_solution, selection_sequences
     from puzzlenas.utils import atomic_write_json, atomic_write_text
     from puzzlenas.workdir import realized_dir
 
-    work = Path(args.workdir)
-    cfg = load_config(work / "config.yaml", args.set)
-    ctx = context(cfg, work)
     source = work / realized_dir(chosen_solution(cfg, work))
     held_out, sources = selection_sequences(cfg, ctx.data.val, ctx.tokenizer)
     eval_text = resolve_eval_data(cfg.eval).wikitext_text()

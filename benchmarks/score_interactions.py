@@ -18,11 +18,11 @@ Searches go to W/interactions/<target>/{additive,refined}/search/; the table to 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
-from pathlib import Path
+
+from workdir_cli import open_run, parser
 
 log = logging.getLogger("score_interactions")
 
@@ -37,30 +37,24 @@ def measure(child, ctx, cfg, seqs: dict, eval_text: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", required=True)
+    ap = parser(__doc__)
     ap.add_argument("--targets", default="1.5,2", help="throughput targets, e.g. 1.5,2")
     ap.add_argument("--rounds", type=int, default=3, help="search.refine_rounds of the refined search")
     ap.add_argument("--max-changes", type=int, default=None, help="search.refine_max_changes: layers a round may change (0: any; default: the config's)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")
+    work, cfg, ctx = open_run(args)
 
     from puzzlenas import search
-    from puzzlenas.config import load_config, parse_factor
+    from puzzlenas.config import parse_factor
     from puzzlenas.eval.data import resolve_eval_data
     from puzzlenas.library.space import target_alternatives
-    from puzzlenas.pipeline import context, open_library
+    from puzzlenas.pipeline import open_library
     from puzzlenas.realize import assemble_child, choices_from_solution
     from puzzlenas.realize.selection import selection_sequences
     from puzzlenas.search.refine import make_hook
     from puzzlenas.utils import atomic_write_json, atomic_write_text
     from puzzlenas.workdir import read_cost_profile, read_scores
 
-    work = Path(args.workdir)
-    cfg = load_config(work / "config.yaml", args.set)
-    ctx = context(cfg, work)
     library = open_library(work, ctx)
     scores = read_scores(work)
     profile = read_cost_profile(work)

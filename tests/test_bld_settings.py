@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 from puzzlenas.cli import main as cli
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_benchmark():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # as `python benchmarks/bld_settings.py` has it: workdir_cli
     spec = importlib.util.spec_from_file_location("bld_settings", ROOT / "benchmarks" / "bld_settings.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
