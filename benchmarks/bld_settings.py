@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> str:
         out = work / "bld-settings" / name
         t0 = time.perf_counter()
         bld.run(c, out, ctx.parent, ctx.data, ctx.parent_fingerprint, progress=not args.quiet)
-        results[name] = {"batch": batch, "lr": lr, "steps": -(-tokens // (batch * ctx.data.train.shape[1])),
+        results[name] = {"batch": batch, "lr": lr, "steps": bld.steps(c.bld, ctx.data.train.shape[1]),
                          "wall_s": time.perf_counter() - t0, "kinds": nmse_by_kind(out / "library")}
         log.info("%s: %s", name, results[name])
     kinds = sorted({k for r in results.values() for k in r["kinds"]})

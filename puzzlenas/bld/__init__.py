@@ -191,6 +191,11 @@ def _record_untrained(library: Library, alternatives, trainable, config) -> None
         )
 
 
+def steps(bld, seq_len: int) -> int:
+    """Optimizer steps of a BLD run (the `bld` config section) over sequences of `seq_len` tokens."""
+    return max(1, math.ceil(bld.tokens / (bld.batch_size * seq_len)))
+
+
 def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: int, world: int, device, progress,
            pipeline: LayerPipeline | None = None):
     """Train `mine` to the end and save them. With a pipeline, every rank calls this (`mine` may be
@@ -198,7 +203,7 @@ def _train(cfg, parent, data, library: Library, mine: list[Alternative], rank: i
     bld = cfg.bld
     trace = pipeline or trace_parent
     seq_len = data.train.shape[1]
-    total_steps = max(1, math.ceil(bld.tokens / (bld.batch_size * seq_len)))
+    total_steps = steps(bld, seq_len)
     state_file = library.state_dir / (f"rank{rank}-of{world}.pt" if pipeline is None else f"rank{rank}-of{world}-layers.pt")
     names = [a.name for a in mine]
     blocks = {a: build_unit(parent.config, a).to(device) for a in mine}
@@ -309,13 +314,11 @@ def _keep_initialization_where_better(cfg, parent, data, blocks, final_val, stat
     same deterministic fit) and `final_val` updated; returns {block: its trained val nmse}. The
     choice rests on the validation sequences, as the records' val_nmse always has."""
     worse = [a for a in blocks if final_val[a] > state["val_init"][a.name]]
-    if pipeline is not None and not reduce_int(bool(worse), "max"):  # collective: every rank asks
-        return {}
-    if pipeline is None and not worse:
+    # collective under a pipeline: a rank with none of its own still runs the passes the others need
+    if not (reduce_int(bool(worse), "max") if pipeline is not None else worse):
         return {}
     fresh = {a: build_unit(parent.config, a).to(device) for a in worse}
-    # a pipeline rank with none of its own still runs the passes: the others' activations go through it
-    again = _fresh_state(cfg, parent, data, fresh, [a.name for a in worse], 0, device, trace)
+    again = _fresh_state(cfg, parent, data, fresh, [a.name for a in worse], 0, device, trace, compare_channels=False)
     trained_val = {}
     for a in worse:
         trained_val[a] = final_val[a]
@@ -329,10 +332,12 @@ def _keep_initialization_where_better(cfg, parent, data, blocks, final_val, stat
     return trained_val
 
 
-def _fresh_state(cfg, parent, data, blocks, names, total_steps, device, trace=trace_parent) -> dict:
-    """Initialize every block from the parent and measure its validation NMSE at init."""
+def _fresh_state(cfg, parent, data, blocks, names, total_steps, device, trace=trace_parent,
+                 compare_channels: bool = True) -> dict:
+    """Initialize every block from the parent and measure its validation NMSE at init; with
+    `compare_channels` also that of pruned FFNs initialized by the other channel criterion."""
     calib_ids = data.train[: cfg.init.calibration_sequences].to(device)
-    if calib_ids.numel() < 4 * parent.config.hidden_size:
+    if compare_channels and calib_ids.numel() < 4 * parent.config.hidden_size:  # said once, at the first init
         log.warning("only %d calibration tokens for hidden size %d: linear fits may overfit (raise "
                     "init.calibration_sequences)", calib_ids.numel(), parent.config.hidden_size)
     layers = {a.layer for a in blocks}
@@ -345,7 +350,8 @@ def _fresh_state(cfg, parent, data, blocks, names, total_steps, device, trace=tr
     # Channel selection: also measure the other criterion, so the choice is backed by numbers.
     other = "weight_norm" if cfg.init.ffn_channels == "contribution" else "contribution"
     ffn_pruned = {a: b for a, b in blocks.items() if a.sub == "ffn" and a.kind == "mlp"}
-    if ffn_pruned or getattr(trace, "relays", False):  # a pipeline rank runs this pass for the others too
+    # a pipeline rank runs this pass for the others too (every rank passes the same compare_channels)
+    if compare_channels and (ffn_pruned or getattr(trace, "relays", False)):
         from ..library.init import init_ffn_pruned
 
         alt_blocks = {}
@@ -381,4 +387,4 @@ def summary_table(library: Library) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run", "nmse", "validation_nmse", "summary_table"]
+__all__ = ["run", "steps", "nmse", "validation_nmse", "summary_table"]
