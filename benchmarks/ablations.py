@@ -298,4 +298,4 @@ if __name__ == "__main__":
         main()
     except PuzzleError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)  # bad input, as the CLI
