@@ -325,6 +325,22 @@ def test_engine_times_exported_checkpoints(tmp_path, monkeypatch):
     assert speedup_stats(a, groups[0]["b"])["total"]["median"] > 0
 
 
+def test_a_worker_killed_by_sigill_is_named_with_its_cause(tmp_path, monkeypatch):
+    """A llama.cpp build this CPU cannot run dies of SIGILL mid-prompt; the error says so and how to fix it,
+    instead of quoting the last line the worker logged before it died."""
+    import sys
+
+    from puzzlenas.engines import llamacpp_engine
+    from puzzlenas.errors import PuzzleError
+
+    worker = tmp_path / "python"
+    worker.write_text("#!/bin/sh\necho 'a warning logged at start' >&2\nkill -ILL $$\n")
+    worker.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(worker))
+    with pytest.raises(PuzzleError, match=r"killed by SIGILL \(an illegal instruction\).*without AMX"):
+        llamacpp_engine._run_worker({"models": {}}, tmp_path, progress=False)
+
+
 def test_engine_is_refused_without_llama_cpp(monkeypatch):
     from puzzlenas.engines.llamacpp_engine import LlamaCppEngine
     from puzzlenas.errors import PuzzleError

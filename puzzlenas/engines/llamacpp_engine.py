@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -124,10 +125,27 @@ def _run_worker(job: dict, tmp: Path, progress: bool) -> dict:
     with open(log_file, "w") as logf:
         proc = subprocess.run([sys.executable, "-m", "puzzlenas.engines.llamacpp_engine", str(job_file), str(out_file)],
                               stdout=None if progress else logf, stderr=logf)
+    if proc.returncode < 0:  # killed by a signal: its log's last line is whatever came before, not the cause
+        raise PuzzleError(f"llama.cpp timing failed: the worker was killed by {_signal_name(-proc.returncode)}"
+                          + (SIGILL_HINT if -proc.returncode == signal.SIGILL else ""))
     if proc.returncode != 0 or not out_file.is_file():
         lines = [x for x in log_file.read_text(errors="replace").splitlines() if x.strip()]
         raise PuzzleError(f"llama.cpp timing failed: {lines[-1][:300] if lines else 'no output'}")
     return json.loads(out_file.read_text())
+
+
+# A llama-cpp-python wheel is compiled for the CPU that built it, and pip's cache reuses it on later
+# installs; on a Sapphire Rapids VM its AMX kernels (prompts of 32+ tokens) died at the first tile load.
+SIGILL_HINT = (" (an illegal instruction): this llama-cpp-python build uses CPU instructions this machine cannot run, "
+               "e.g. a wheel compiled on another CPU and reused from pip's cache, or AMX kernels in a VM; compile it "
+               "here without AMX (README: set up, \"llama.cpp dies with SIGILL\")")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 # --- the worker: llama_cpp only, no torch -----------------------------------------------------
