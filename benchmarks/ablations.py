@@ -283,8 +283,8 @@ def main(argv: list[str] | None = None) -> str:
     budgets = (f"target {target:g}x ({profile.device}{', estimated' if profile.estimated else ''}), "
                f"BLD {cfg.bld.tokens:,} tokens/block, scoring {cfg.score.sequences} x {cfg.data.seq_len} tokens, "
                f"GKD {cfg.gkd.tokens:,} tokens, eval: KL on {cfg.eval.kl_sequences} held-out sequences, WikiText-2 "
-               f"{cfg.eval.ppl_max_tokens or 'all'} tokens, {cfg.eval.limit or 'all'} items x "
-               f"{', '.join(cfg.eval.tasks) or 'no tasks'}")
+               f"{cfg.eval.ppl_max_tokens or 'all'} tokens, "
+               + (f"{cfg.eval.limit or 'all'} items x {', '.join(cfg.eval.tasks)}" if cfg.eval.tasks else "no lm-eval tasks"))
     table = format_table(rows, parent) + "\n\n" + budgets
     atomic_write_text(workdir / "ablations.md", table + "\n")
     atomic_write_json(workdir / "ablations.json", {"budgets": budgets, "parent": parent, "variants": rows})
