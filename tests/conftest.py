@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,22 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # two of them beside another worker's busy core would only wait on each other
     os.environ.setdefault("PUZZLENAS_LLAMACPP_THREADS", _threads)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module, with benchmarks/ on sys.path while it loads, as
+    `python benchmarks/<name>.py` has it (for their shared helpers, e.g. workdir_cli)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
 
 TINY = dict(
     vocab_size=99,

@@ -7,22 +7,18 @@ Llama checks that each realizes, distills (same GKD tokens) and evaluates at the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tiny_parent, make_tiny_tokenizer
+from conftest import load_benchmark, make_tiny_parent, make_tiny_tokenizer
 from test_faults import fault_config
 
 from puzzlenas.errors import PuzzleError
 from puzzlenas.search.heuristics import greedy, random_search
 from puzzlenas.search.mip import Infeasible, Problem, evaluate, solve
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def synthetic_problem(layers: int, seed: int) -> Problem:
@@ -85,13 +81,6 @@ def test_heuristics_say_when_the_target_is_out_of_reach():
 # --- the benchmark on a tiny parent --------------------------------------------------------------
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("ablations", ROOT / "benchmarks" / "ablations.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 TARGET = 1.2
 
 
@@ -104,7 +93,7 @@ def ablations(tmp_path_factory):
     raw["bld"]["tokens"] = 1024
     raw["gkd"]["tokens"] = 512
     (root / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    bench = load_benchmark()
+    bench = load_benchmark("ablations")
     bench.main(["--config", str(root / "cfg.yaml"), "--workdir", str(root / "w"), "--target", str(TARGET), "--quiet"])
     return bench, root
 

@@ -3,28 +3,17 @@ same initializations, and a setting that trains moves the blocks further than on
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
+
+from conftest import load_benchmark
 
 from puzzlenas.cli import main as cli
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # as `python benchmarks/bld_settings.py` has it: workdir_cli
-    spec = importlib.util.spec_from_file_location("bld_settings", ROOT / "benchmarks" / "bld_settings.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_variants_share_initializations_and_the_budget(tiny_run):
     work = tiny_run.parent / "w"
     assert cli(["run", str(tiny_run), "--workdir", str(work), "--only", "data", "--quiet"]) == 0
-    bench = load_benchmark()
+    bench = load_benchmark("bld_settings")
     table = bench.main(["--workdir", str(work), "--tokens", "1024", "--variants", "8:1e-5,2:3e-3", "--quiet"])
     result = json.loads((work / "bld-settings.json").read_text())
     slow, fast = result["variants"]["8x1e-05-1024tok"], result["variants"]["2x0.003-1024tok"]
