@@ -11,6 +11,9 @@ never trains a block: search, realize (with selection), gkd, baselines, eval and
 report, each skipped when done, so a killed sweep resumes where it stopped. Every child and
 baseline is distilled with the same gkd section (the same token budget).
 
+Targets evaluated before in W with the same settings (W's own run, an earlier sweep's folders) join
+the table: `puzzlenas sweep --targets 2.0` after a run at 1.2x gives both.
+
 Writes W/report/sweep.json, sweep.md (per target: child, width and depth baselines with KL,
 WikiText-2 perplexity, mean accuracy and measured speed-up with its min-max) and sweep.png
 (quality against measured speed, all targets), and W/report/report.md with them.
@@ -98,8 +101,13 @@ def run_sweep(cfg: PuzzleConfig, workdir: str | Path, targets: list[float], prog
             log.info("sweep %gx: %-9s %s", t, stage, status)
         rows[f"{t:g}x"] = target_rows(sub)
         folders[f"{t:g}x"] = os.path.relpath(sub, workdir)
-    sweep = {"targets": [float(t) for t in targets], "engine": cfg.target.engine, "gkd_tokens": cfg.gkd.tokens,
-             "rows": rows, "folders": folders}
+    for t, sub in evaluated_targets(cfg, workdir, exclude=targets):  # `sweep --targets 2` after a run at 1.2
+        log.info("sweep: %gx evaluated before in %s with these settings: in the table", t, sub)
+        rows[f"{t:g}x"] = target_rows(sub)
+        folders[f"{t:g}x"] = os.path.relpath(sub, workdir)
+    order = sorted(rows, key=lambda label: float(label[:-1]))
+    sweep = {"targets": [float(label[:-1]) for label in order], "engine": cfg.target.engine,
+             "gkd_tokens": cfg.gkd.tokens, "rows": {k: rows[k] for k in order}, "folders": {k: folders[k] for k in order}}
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     sweep_figure(sweep, out / "sweep.png")
@@ -114,6 +122,37 @@ def run_sweep(cfg: PuzzleConfig, workdir: str | Path, targets: list[float], prog
 
         write_report(workdir)  # W's report: the sweep section alone (W has no search or eval of its own)
     return sweep
+
+
+def evaluated_targets(cfg: PuzzleConfig, workdir: Path, exclude: list[float]) -> list[tuple[float, Path]]:
+    """Targets outside `exclude` whose evaluation in W (the config's own target) or W/sweep/<t>x/ is
+    finished and up to date with `cfg`: every stage from data to eval has the fingerprint these settings
+    give it, so its rows are what this sweep would have computed. A folder evaluated with other settings
+    (another GKD budget, another config's target in W) stays out of the table."""
+    from .costs import device_name
+    from .pipeline import stage_done, stage_fingerprints
+    from .utils import pick_device
+
+    candidates = {}
+    if cfg.search.throughput is not None:
+        candidates[cfg.search.throughput] = Path(workdir)
+    for folder in sorted((Path(workdir) / "sweep").glob("*x")):
+        try:
+            candidates.setdefault(float(folder.name[:-1]), folder)
+        except ValueError:
+            continue  # not a target's folder
+    device = device_name(pick_device())
+    found = []
+    for t, sub in sorted(candidates.items()):
+        if any(abs(t - e) < 1e-9 for e in exclude) or not (sub / "eval" / "results.json").is_file():
+            continue
+        cfg_t = cfg.model_copy(deep=True)
+        cfg_t.search = cfg_t.search.model_copy(update={"throughput": float(t)})
+        if stage_done(sub, "eval", stage_fingerprints(cfg_t, device)["eval"]):
+            found.append((t, sub))
+        else:
+            log.info("sweep: %gx in %s was evaluated with other settings: left out of the table", t, sub)
+    return found
 
 
 def target_rows(sub: Path) -> dict:
@@ -183,6 +222,8 @@ def sweep_figure(sweep: dict, out: Path) -> Path:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=row)
             for x, y, t in pts:
                 ax.annotate(t, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if key == "wikitext2_ppl":
+            ax.set_yscale("log")  # a collapsed baseline is 10-20x the child's perplexity
         ax.set_xlabel("measured speed-up (scenario)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)

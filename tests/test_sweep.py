@@ -1,5 +1,6 @@
 """`puzzlenas sweep`: several targets from one library and one score set, child and both baselines at
-each, one table and one plot; a second target trains nothing and a rerun redoes nothing."""
+each, one table and one plot; a second target trains nothing, a rerun redoes nothing, and targets
+evaluated before with the same settings join the table."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def test_sweep_reuses_library_and_scores(tmp_path):
     assert main([*args, "1.2"]) == 0
     before = shared_state(work)
     assert any(k.startswith("library/blocks/") for k in before)
-    assert main([*args, "1.2", "1.5x"]) == 0  # the first target is done; the second reads W's library
+    # the first target is done and not named again: it joins the table; the second reads W's library
+    assert main([*args, "1.5x"]) == 0
     assert shared_state(work) == before  # no block trained, scored or costed again
     # 1.5x is the config's own target (search.throughput's default): it runs in W, as `puzzlenas run` would
     assert not (work / "sweep" / "1.5x").exists()
@@ -78,3 +80,12 @@ def test_sweep_reuses_library_and_scores(tmp_path):
                if p != work / "stages" / "report.json" and not (p.parent.parent != work and p.stem in sweep_shared)}
     assert main([*args, "1.2", "1.5"]) == 0
     assert {p: p.stat().st_mtime_ns for p in markers} == markers
+
+    # a target evaluated with other settings (here: its eval marker's fingerprint no longer matches)
+    # is left out of a later sweep's table instead of being shown beside results it cannot be compared with
+    marker = work / "sweep" / "1.2x" / "stages" / "eval.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "fingerprint": "other-settings"}))
+    assert main([*args, "1.5"]) == 0
+    sweep = json.loads((work / "report" / "sweep.json").read_text())
+    assert sweep["targets"] == [1.5] and list(sweep["rows"]) == ["1.5x"]
+    assert "| 1.2x |" not in (work / "report" / "sweep.md").read_text()
