@@ -94,14 +94,13 @@ def run_sweep(cfg: PuzzleConfig, workdir: str | Path, targets: list[float], prog
         sub = target_folder(cfg, workdir, t)
         if sub != workdir:
             link_shared(workdir, sub)
-        cfg_t = cfg.model_copy(deep=True)
-        cfg_t.search = cfg_t.search.model_copy(update={"throughput": float(t)})
+        cfg_t = target_config(cfg, t)
         log.info("sweep: target %gx in %s", t, sub)
         for stage, status in run_pipeline(cfg_t, sub, stages=PER_TARGET, progress=progress).items():
             log.info("sweep %gx: %-9s %s", t, stage, status)
         rows[f"{t:g}x"] = target_rows(sub)
         folders[f"{t:g}x"] = os.path.relpath(sub, workdir)
-    for t, sub in evaluated_targets(cfg, workdir, exclude=targets):  # `sweep --targets 2` after a run at 1.2
+    for t, sub in evaluated_targets(cfg, workdir, skip=set(rows)):  # `sweep --targets 2` after a run at 1.2
         log.info("sweep: %gx evaluated before in %s with these settings: in the table", t, sub)
         rows[f"{t:g}x"] = target_rows(sub)
         folders[f"{t:g}x"] = os.path.relpath(sub, workdir)
@@ -124,8 +123,15 @@ def run_sweep(cfg: PuzzleConfig, workdir: str | Path, targets: list[float], prog
     return sweep
 
 
-def evaluated_targets(cfg: PuzzleConfig, workdir: Path, exclude: list[float]) -> list[tuple[float, Path]]:
-    """Targets outside `exclude` whose evaluation in W (the config's own target) or W/sweep/<t>x/ is
+def target_config(cfg: PuzzleConfig, target: float) -> PuzzleConfig:
+    """The config with search.throughput set to `target`: what a target's stages run with."""
+    cfg_t = cfg.model_copy(deep=True)
+    cfg_t.search = cfg_t.search.model_copy(update={"throughput": float(target)})
+    return cfg_t
+
+
+def evaluated_targets(cfg: PuzzleConfig, workdir: Path, skip: set[str]) -> list[tuple[float, Path]]:
+    """Targets not labelled in `skip` ("1.2x", as the table labels them) whose evaluation in W (the config's own target) or W/sweep/<t>x/ is
     finished and up to date with `cfg`: every stage from data to eval has the fingerprint these settings
     give it, so its rows are what this sweep would have computed. A folder evaluated with other settings
     (another GKD budget, another config's target in W) stays out of the table."""
@@ -144,11 +150,9 @@ def evaluated_targets(cfg: PuzzleConfig, workdir: Path, exclude: list[float]) ->
     device = device_name(pick_device())
     found = []
     for t, sub in sorted(candidates.items()):
-        if any(abs(t - e) < 1e-9 for e in exclude) or not (sub / "eval" / "results.json").is_file():
+        if f"{t:g}x" in skip or not (sub / "eval" / "results.json").is_file():
             continue
-        cfg_t = cfg.model_copy(deep=True)
-        cfg_t.search = cfg_t.search.model_copy(update={"throughput": float(t)})
-        if stage_done(sub, "eval", stage_fingerprints(cfg_t, device)["eval"]):
+        if stage_done(sub, "eval", stage_fingerprints(target_config(cfg, t), device)["eval"]):
             found.append((t, sub))
         else:
             log.info("sweep: %gx in %s was evaluated with other settings: left out of the table", t, sub)
