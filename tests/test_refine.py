@@ -21,7 +21,7 @@ from puzzlenas.library.space import Alternative, enumerate_alternatives
 from puzzlenas.realize import assemble_child, parent_choices
 from puzzlenas.score import damage, score_alternatives
 from puzzlenas.search import build_problem
-from puzzlenas.search.mip import evaluate, solve
+from puzzlenas.search.mip import Problem, evaluate, solve
 from puzzlenas.search.refine import refine, refined_problem, score_inside
 
 
@@ -84,27 +84,77 @@ def test_refined_rounds_keep_the_budget_and_record_what_the_solver_minimized(tin
     rounds = record["rounds"]
     assert 2 <= len(rounds) <= 5
     final = found[0]
-    for s in found:  # every solution of the last round within every budget
+    for s in found:  # every solution of the kept round within every budget
         assert _fits(problem, s.choice)
-    for r in rounds:  # every round's child too
+    for r in rounds:  # every round's child too, and each child measured on the scoring text
         pairs = [(x["attention"], x["ffn"]) for x in r["layers"]]
         assert _fits(problem, [o.index(p) for o, p in zip(problem.options, pairs)])
-    assert [(x["attention"], x["ffn"]) for x in rounds[-1]["layers"]] == final.pairs
-    assert rounds[-1]["predicted"] == final.objective
-    # the last problem: scores re-measured inside the child the last round started from
-    base_pairs = [(x["attention"], x["ffn"]) for x in rounds[-2]["layers"]]
+        child = assemble_child(parent, [(Alternative.from_name(a), Alternative.from_name(f)) for a, f in pairs])
+        assert r["measured"] == pytest.approx(score_inside(parent, child, None, [], [], ids, progress=False)[0]["kl"], rel=1e-5)
+    # the kept round is the lowest measured child's, and its solutions are the result
+    kept = record["kept"]
+    assert rounds[kept]["measured"] == min(r["measured"] for r in rounds)
+    assert [(x["attention"], x["ffn"]) for x in rounds[kept]["layers"]] == final.pairs
+    assert rounds[kept]["predicted"] == final.objective
+    if kept == 0:
+        return  # the additive solutions: nothing refined to check
+    final = found[0]
+    # the kept round's problem: scores re-measured inside the child that round started from
+    base_pairs = [(x["attention"], x["ffn"]) for x in rounds[kept - 1]["layers"]]
     base, inside = rescore(base_pairs)
-    assert damage(base, "kl") == pytest.approx(rounds[-1]["measured_base"], rel=1e-5)
+    assert damage(base, "kl") == pytest.approx(rounds[kept]["measured_base"], rel=1e-5)
     last = refined_problem(problem, base_pairs, base, inside, "kl")
     assert evaluate(last, final.choice)[0] == pytest.approx(final.objective, rel=1e-6)
     assert final.objective <= _brute_force(last) + 1e-3 * abs(final.objective) + 1e-9  # the MIP's optimum
     # at the child it was scored in, the prediction is that child's measured damage, not a sum of parts
     assert evaluate(last, [o.index(p) for o, p in zip(problem.options, base_pairs)])[0] == \
         pytest.approx(damage(base, "kl"), rel=1e-6)
-    if not rounds[-1]["changed_layers"]:  # converged: the recorded prediction is the final child's real KL
-        child = assemble_child(parent, [(Alternative.from_name(a), Alternative.from_name(f)) for a, f in final.pairs])
-        measured, _ = score_inside(parent, child, None, [], [], ids, progress=False)
-        assert final.objective == pytest.approx(measured["kl"], rel=1e-5)
+    if not rounds[kept]["changed_layers"]:  # converged: the recorded prediction is the final child's real KL
+        assert final.objective == pytest.approx(rounds[kept]["measured"], rel=1e-5)
+
+
+def _toy_problem():
+    """Three layers, each: keep the FFN (time 1) or remove it (time 0.5); time <= 2.5 forces one
+    removal. Additive damage says layer 0's removal is the cheapest."""
+    options = [[(f"layer{l:03d}.attention.gqa2", f"layer{l:03d}.ffn.mlp64"),
+                (f"layer{l:03d}.attention.gqa2", f"layer{l:03d}.ffn.no_op")] for l in range(3)]
+    return Problem(options, [[0.0, 0.1], [0.0, 0.2], [0.0, 0.3]], {"time": [[1.0, 0.5]] * 3},
+                   {"time": 0.0}, {"time": 2.5})
+
+
+def test_refine_keeps_the_additive_child_when_refinement_measures_worse():
+    """A first-order prediction that misleads (inside the additive child, moving the removal to layer 1
+    looks better; built, it measures worse): the search keeps round 0's solutions, and says so."""
+    problem = _toy_problem()
+    plain = solve(problem, 1)
+    assert plain[0].choice == [1, 0, 0]
+    real = {(1, 0, 0): 0.15, (0, 1, 0): 0.50, (0, 0, 1): 0.60}  # each child's measured KL
+
+    def child_kl(pairs):
+        return real[tuple(o.index(p) for o, p in zip(problem.options, pairs))]
+
+    def rescore(pairs):  # inside (1, 0, 0): restoring layer 0 -> 0.0, removing layer 1 too -> 0.20
+        assert child_kl(pairs) == 0.15, "only the additive child is re-scored in one round"
+        return {"kl": 0.15}, {"layer000.ffn.mlp64": {"kl": 0.0}, "layer001.ffn.no_op": {"kl": 0.20},
+                              "layer002.ffn.no_op": {"kl": 0.40}, "layer000.ffn.no_op": {"kl": 0.15},
+                              "layer001.ffn.mlp64": {"kl": 0.15}, "layer002.ffn.mlp64": {"kl": 0.15}}
+
+    measured = []
+
+    def measure(pairs):
+        measured.append(pairs)
+        return {"kl": child_kl(pairs)}
+
+    found, record = refine(problem, plain, rescore, 1, "kl", 1, measure=measure)
+    assert record["rounds"][1]["predicted"] == pytest.approx(0.05)  # 0.15 - 0.15 + 0.05: it moved the removal
+    assert record["rounds"][1]["changed_layers"] == [0, 1]
+    assert len(measured) == 1 and record["rounds"][1]["measured"] == 0.50  # the refined child, built and measured
+    assert record["kept"] == 0 and found is plain and found[0].choice == [1, 0, 0]
+
+    # when the refined child measures better, it is kept
+    real[(0, 1, 0)] = 0.10
+    found, record = refine(problem, plain, rescore, 1, "kl", 1, measure=measure)
+    assert record["kept"] == 1 and found[0].choice == [0, 1, 0]
 
 
 def test_a_trust_region_limits_the_layers_a_round_changes(tiny_problem):
@@ -134,8 +184,10 @@ def test_refine_through_the_pipeline_on_trained_blocks(tiny_run, tmp_path):
     record = json.loads((work / "search" / "refine.json").read_text())
     result = json.loads((work / "search" / "solutions.json").read_text())
     assert 2 <= len(record["rounds"]) <= 3 and record["tokens"] > 0
-    assert result["solutions"][0]["damage"] == pytest.approx(record["rounds"][-1]["predicted"])
-    assert [x for x in result["solutions"][0]["layers"]] == record["rounds"][-1]["layers"]
+    kept = record["rounds"][record["kept"]]
+    assert kept["measured"] == min(r["measured"] for r in record["rounds"])
+    assert result["solutions"][0]["damage"] == pytest.approx(kept["predicted"])
+    assert [x for x in result["solutions"][0]["layers"]] == kept["layers"]
     for s in result["solutions"]:
         assert s["predicted_speedup"] >= 1.2 - 1e-9
     from puzzlenas.report import write_report

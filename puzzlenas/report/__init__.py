@@ -124,12 +124,13 @@ def refine_section(record: dict) -> list[str]:
     m = record["metric"]
     lines = ["## Interaction-corrected search", "",
              f"Each round re-scored every alternative inside the previous round's child ({record.get('tokens', '?')} "
-             f"tokens of scoring text) and solved again; stopped: {record['stopped']}.", "",
-             f"| round | scores | base child's measured {m} | predicted {m} of the new child | layers changed |",
+             f"tokens of scoring text) and solved again; stopped: {record['stopped']}. The search keeps the "
+             f"solutions of the round whose child measured lowest: round {record.get('kept', len(record['rounds']) - 1)}.",
+             "", f"| round | scores | predicted {m} of its child | measured {m} of its child | layers changed |",
              "|---|---|---|---|---|"]
     for r in record["rounds"]:
-        base = f"{r['measured_base']:.4f}" if "measured_base" in r else ""
-        lines.append(f"| {r['round']} | {r['scores']} | {base} | {r['predicted']:.4f} | {len(r.get('changed_layers', []))} |")
+        measured = f"{r['measured']:.4f}" if "measured" in r else ""
+        lines.append(f"| {r['round']} | {r['scores']} | {r['predicted']:.4f} | {measured} | {len(r.get('changed_layers', []))} |")
     return lines + [""]
 
 
@@ -173,7 +174,8 @@ def write_report(workdir: str | Path) -> Path:
                f"{chosen.params / 1e6:.1f} M parameters, summed {solutions.metric} {chosen.damage:.4f}.", "",
                "![architecture](architecture.png)", ""]
         refined = _load(workdir / REFINE)
-        if refined and refined["rounds"][-1]["layers"] == solutions.solutions[0].layers_json():  # not a stale one
+        kept = refined.get("kept", len(refined["rounds"]) - 1) if refined else None
+        if refined and refined["rounds"][kept]["layers"] == solutions.solutions[0].layers_json():  # not a stale one
             md += refine_section(refined)
         if selection:
             md += selection_section(selection)
