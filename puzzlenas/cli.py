@@ -401,6 +401,26 @@ def cmd_distill(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+def checkpoint_labels(paths: list[str]) -> list[str]:
+    """The name of each compared checkpoint in the results table: its folder's name, or as many of
+    its last path parts as tell it from the others and from the reference "parent" (two work
+    directories' `child/` folders become `s12/child` and `b2/child`, not one overwritten row)."""
+    from pathlib import Path
+
+    resolved = [Path(p).resolve() if Path(p).exists() else Path(p) for p in paths]
+    for i, p in enumerate(resolved):
+        if p in resolved[:i]:
+            raise PuzzleError(f"checkpoint {paths[i]!r} is given twice")
+    labels = []
+    for i, p in enumerate(resolved):
+        for depth in range(1, len(p.parts) + 1):
+            label = "/".join(p.parts[-depth:])
+            if label != "parent" and all("/".join(q.parts[-depth:]) != label for j, q in enumerate(resolved) if j != i):
+                break
+        labels.append(label)
+    return labels
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -415,6 +435,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for path in args.checkpoint:
         if not Path(path).exists() and path not in BUNDLED:
             raise PuzzleError(f"checkpoint {path!r} not found (give a checkpoint folder, e.g. {Path(args.workdir) / 'child'})")
+    labels = checkpoint_labels(args.checkpoint)
     cfg = load_config(args.config, args.set)
     from .preflight import check_command
 
@@ -431,13 +452,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         # under torchrun (eval.parallel=layers) every model is split over the ranks
         models = {"parent": place_model(parent, f"parent={source}", device)}
         paths = {"parent": workdir / "parent"}
-        for path in args.checkpoint:
+        for label, path in zip(labels, args.checkpoint):
             p = Path(path)
             if (p / "config.json").is_file() and '"nemotron-nas"' in (p / "config.json").read_text():
-                models[p.name] = place_model(load_checkpoint(p), f"checkpoint={p}", device)
+                models[label] = place_model(load_checkpoint(p), f"checkpoint={p}", device)
             else:
-                models[p.name] = place_model(convert_parent(load_parent(p)[0], copy=False), f"convert={p}", device)
-            paths[p.name] = p  # an engine serving from folders reads a plain Llama folder natively
+                models[label] = place_model(convert_parent(load_parent(p)[0], copy=False), f"convert={p}", device)
+            paths[label] = p  # an engine serving from folders reads a plain Llama folder natively
         return evaluate_models(models, "parent", tokenizer, cfg, data.val, workdir / "eval",
                                skip_lm_eval=args.no_lm_eval, paths=paths, memo_dir=workdir / "eval-memo")
 

@@ -217,3 +217,21 @@ def test_benchmark_table_prints_stderr_of_the_mean_accuracy():
                               "c": {"perplexity": 3.0}})
     assert math.isclose(mean, 0.4) and math.isclose(se, 0.025)  # sqrt(0.03^2 + 0.04^2) / 2
 
+
+
+def test_compared_checkpoints_get_names_that_tell_them_apart(tmp_path):
+    """`puzzlenas eval W1/child W2/child` is two rows, not one overwritten by the other; a folder
+    named like the reference parent does not replace it; the same folder twice is refused."""
+    from puzzlenas.cli import checkpoint_labels
+    from puzzlenas.errors import PuzzleError
+
+    for d in ("s12/child", "b2/child", "x/s12/child", "y/s12/child", "s12/parent"):
+        (tmp_path / d).mkdir(parents=True)
+    assert checkpoint_labels([str(tmp_path / "s12/child")]) == ["child"]
+    assert checkpoint_labels([str(tmp_path / "s12/child"), str(tmp_path / "b2/child")]) == ["s12/child", "b2/child"]
+    assert checkpoint_labels([str(tmp_path / "x/s12/child"), str(tmp_path / "y/s12/child"), str(tmp_path / "b2/child")]) \
+        == ["x/s12/child", "y/s12/child", "b2/child"]
+    assert checkpoint_labels([str(tmp_path / "s12/parent")]) == ["s12/parent"]
+    assert checkpoint_labels(["smollm2"]) == ["smollm2"]  # a bundled name, not a folder
+    with pytest.raises(PuzzleError, match="given twice"):
+        checkpoint_labels([str(tmp_path / "s12/child"), str(tmp_path / "s12/../s12/child")])
