@@ -219,21 +219,16 @@ def make_hook(cfg, workdir: str | Path, parent, data, library, progress: bool = 
     ids = data.val[: cfg.score.sequences]  # the score stage's text
     units = [*target_alternatives(cfg, parent.config), *enumerate_pairs(cfg.bld.coupled, cfg.search_space, parent.config)]
 
-    def rescore(pairs):
+    def rescore(pairs, todo=units):
         choices = [(Alternative.from_name(a), Alternative.from_name(f)) for a, f in pairs]
         child = assemble_child(parent, choices, library)
         try:
-            return score_inside(parent, child, library, choices, units, ids, cfg.score.batch_size, progress)
+            return score_inside(parent, child, library, choices, todo, ids, cfg.score.batch_size, progress and bool(todo))
         finally:
             del child
 
-    def measure(pairs):
-        choices = [(Alternative.from_name(a), Alternative.from_name(f)) for a, f in pairs]
-        child = assemble_child(parent, choices, library)
-        try:
-            return score_inside(parent, child, library, choices, [], ids, cfg.score.batch_size, False)[0]
-        finally:
-            del child
+    def measure(pairs):  # the child alone, no alternative re-scored
+        return rescore(pairs, [])[0]
 
     def hook(problem: Problem, found: list[Solution], describe) -> list[Solution]:
         s = cfg.search
