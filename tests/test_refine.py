@@ -116,8 +116,8 @@ def test_refined_rounds_keep_the_budget_and_record_what_the_solver_minimized(tin
 def _toy_problem():
     """Three layers, each: keep the FFN (time 1) or remove it (time 0.5); time <= 2.5 forces one
     removal. Additive damage says layer 0's removal is the cheapest."""
-    options = [[(f"layer{l:03d}.attention.gqa2", f"layer{l:03d}.ffn.mlp64"),
-                (f"layer{l:03d}.attention.gqa2", f"layer{l:03d}.ffn.no_op")] for l in range(3)]
+    options = [[(f"layer{layer:03d}.attention.gqa2", f"layer{layer:03d}.ffn.mlp64"),
+                (f"layer{layer:03d}.attention.gqa2", f"layer{layer:03d}.ffn.no_op")] for layer in range(3)]
     return Problem(options, [[0.0, 0.1], [0.0, 0.2], [0.0, 0.3]], {"time": [[1.0, 0.5]] * 3},
                    {"time": 0.0}, {"time": 2.5})
 
