@@ -40,8 +40,13 @@ PER_TARGET = ["search", "realize", "gkd", "baselines", "eval", "report"]
 MODELS = {"child": "child", "width": "width baseline", "depth": "depth baseline"}  # row -> name in eval results
 
 
+def target_label(target: float) -> str:
+    """A target's name in the table and its folder: 1.2 -> "1.2x"."""
+    return f"{target:g}x"
+
+
 def target_dir(workdir: Path, target: float) -> Path:
-    return Path(workdir) / "sweep" / f"{target:g}x"
+    return Path(workdir) / "sweep" / target_label(target)
 
 
 def target_folder(cfg: PuzzleConfig, workdir: Path, target: float) -> Path:
@@ -87,9 +92,8 @@ def run_sweep(cfg: PuzzleConfig, workdir: str | Path, targets: list[float], prog
     check_inputs(cfg, workdir, [*SHARED, *PER_TARGET])  # e.g. WikiText-2 for eval: before hours of BLD, not after
     for stage, status in run_pipeline(cfg, workdir, stages=list(SHARED), progress=progress).items():
         log.info("sweep: %-9s %s", stage, status)
-    rows = {}
     (workdir / "eval-memo").mkdir(exist_ok=True)
-    folders = {}
+    evaluated = {}  # table label -> the folder its rows come from
     for t in targets:
         sub = target_folder(cfg, workdir, t)
         if sub != workdir:
@@ -98,15 +102,14 @@ def run_sweep(cfg: PuzzleConfig, workdir: str | Path, targets: list[float], prog
         log.info("sweep: target %gx in %s", t, sub)
         for stage, status in run_pipeline(cfg_t, sub, stages=PER_TARGET, progress=progress).items():
             log.info("sweep %gx: %-9s %s", t, stage, status)
-        rows[f"{t:g}x"] = target_rows(sub)
-        folders[f"{t:g}x"] = os.path.relpath(sub, workdir)
-    for t, sub in evaluated_targets(cfg, workdir, skip=set(rows)):  # `sweep --targets 2` after a run at 1.2
+        evaluated[target_label(t)] = sub
+    for t, sub in evaluated_targets(cfg, workdir, skip=set(evaluated)):  # `sweep --targets 2` after a run at 1.2
         log.info("sweep: %gx evaluated before in %s with these settings: in the table", t, sub)
-        rows[f"{t:g}x"] = target_rows(sub)
-        folders[f"{t:g}x"] = os.path.relpath(sub, workdir)
-    order = sorted(rows, key=lambda label: float(label[:-1]))
+        evaluated[target_label(t)] = sub
+    order = sorted(evaluated, key=lambda label: float(label[:-1]))
+    folders = {k: os.path.relpath(evaluated[k], workdir) for k in order}
     sweep = {"targets": [float(label[:-1]) for label in order], "engine": cfg.target.engine,
-             "gkd_tokens": cfg.gkd.tokens, "rows": {k: rows[k] for k in order}, "folders": {k: folders[k] for k in order}}
+             "gkd_tokens": cfg.gkd.tokens, "rows": {k: target_rows(evaluated[k]) for k in order}, "folders": folders}
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     sweep_figure(sweep, out / "sweep.png")
@@ -150,7 +153,7 @@ def evaluated_targets(cfg: PuzzleConfig, workdir: Path, skip: set[str]) -> list[
     device = device_name(pick_device())
     found = []
     for t, sub in sorted(candidates.items()):
-        if f"{t:g}x" in skip or not (sub / "eval" / "results.json").is_file():
+        if target_label(t) in skip or not (sub / "eval" / "results.json").is_file():
             continue
         if stage_done(sub, "eval", stage_fingerprints(target_config(cfg, t), device)["eval"]):
             found.append((t, sub))
