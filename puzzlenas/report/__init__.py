@@ -134,6 +134,48 @@ def refine_section(record: dict) -> list[str]:
     return lines + [""]
 
 
+# The parent's measured time per scenario may stray this far from its cost profile's before the
+# report says so: rounds within one eval spread about +-10 % on a shared 2-core machine.
+PROFILE_DRIFT = 0.2
+
+
+def speed_section(records: dict, results: dict, estimated: bool = False) -> list[str]:
+    """Markdown lines: each model's predicted and measured speed-up and seconds per scenario, and a
+    warning when the parent itself ran at another speed than when the costs stage profiled it.
+
+    `records`: model name in results -> its SolutionRecord (None: nothing predicted). The parent's
+    predicted time is any record's predicted time x its predicted speed-up (both come from the
+    same profile; an `estimated` (roofline) profile's seconds are not compared). A host whose cache is shared with other tenants changes decode time with their
+    load, and not in proportion to a model's bytes, so then the predicted speed-ups do not hold."""
+    models = results["models"]
+    rows = [(name, rec) for name, rec in records.items() if rec is not None and name in models]
+    lines = [f"## Predicted vs measured speed (in {results.get('engine', 'torch')})", "",
+             "| model | predicted | measured | predicted s per scenario | measured s per scenario |",
+             "|---|---|---|---|---|"]
+    reference = models.get(results.get("reference", "parent"))
+    if not rows:
+        return lines[:2] + ["No model with a predicted speed was evaluated.", ""]
+    parent_predicted = rows[0][1].predicted_speedup * rows[0][1].predicted["total_s"]
+    if reference is not None:
+        lines.append(f"| {results.get('reference', 'parent')} | 1.00x | 1.00x | {parent_predicted:.3f} | "
+                     f"{reference['speed']['total_s']:.3f} |")
+    for name, rec in rows:
+        speed = models[name]["speed"]
+        lines.append(f"| {name} | {rec.predicted_speedup:.2f}x | {speed['total_speedup']:.2f}x | "
+                     f"{rec.predicted['total_s']:.3f} | {speed['total_s']:.3f} |")
+    lines.append("")
+    if reference is not None and not estimated:
+        ratio = reference["speed"]["total_s"] / parent_predicted
+        if abs(ratio - 1) > PROFILE_DRIFT:
+            lines += [f"The parent took {reference['speed']['total_s']:.3f} s per scenario here against "
+                      f"{parent_predicted:.3f} s when the costs stage profiled it ({ratio:.2f}x): the machine ran "
+                      "under another load than then, so the predicted speed-ups may not hold (on a host that "
+                      "shares its cache with other tenants, decode time changes with their load and not in "
+                      "proportion to a model's bytes). `puzzlenas run --from costs` profiles again and redoes "
+                      "the search and what follows it.", ""]
+    return lines
+
+
 def sweep_section(sweep_md: str) -> list[str]:
     """Markdown lines: the Pareto sweep's table and plot, as `puzzlenas sweep` wrote them."""
     body = sweep_md.split("\n", 1)[1] if sweep_md.startswith("# ") else sweep_md  # its own title goes
@@ -194,16 +236,10 @@ def write_report(workdir: str | Path) -> Path:
     if results:
         from ..eval import format_results
 
-        md += ["## Evaluation", "", format_results(results),
-               f"## Predicted vs measured speed (in {results.get('engine', 'torch')})", "",
-               "| model | predicted | measured |", "|---|---|---|"]
-        predicted = {"child": chosen.predicted_speedup if solutions and solutions.solutions else None}
-        for name, b in baselines.items():
-            predicted[f"{name} baseline"] = None if isinstance(b, str) else b.predicted_speedup
-        for name, r in results["models"].items():
-            if name in predicted and predicted[name] is not None:
-                md.append(f"| {name} | {predicted[name]:.2f}x | {r['speed']['total_speedup']:.2f}x |")
-        md.append("")
+        md += ["## Evaluation", "", format_results(results)]
+        records = {"child": chosen if solutions and solutions.solutions else None}
+        records.update({f"{name} baseline": None if isinstance(b, str) else b for name, b in baselines.items()})
+        md += speed_section(records, results, estimated=bool(solutions and solutions.estimated))
     if sweep:
         md += sweep_section(sweep)
     if stages:
