@@ -145,8 +145,9 @@ def speed_section(records: dict, results: dict, estimated: bool = False) -> list
 
     `records`: model name in results -> its SolutionRecord (None: nothing predicted). The parent's
     predicted time is any record's predicted time x its predicted speed-up (both come from the
-    same profile; an `estimated` (roofline) profile's seconds are not compared). A host whose cache is shared with other tenants changes decode time with their
-    load, and not in proportion to a model's bytes, so then the predicted speed-ups do not hold."""
+    same profile); an `estimated` (roofline) profile's seconds are not compared. On a host whose
+    cache is shared with other tenants, decode time changes with their load, and not in proportion
+    to a model's bytes, so then the predicted speed-ups do not hold."""
     models = results["models"]
     rows = [(name, rec) for name, rec in records.items() if rec is not None and name in models]
     lines = [f"## Predicted vs measured speed (in {results.get('engine', 'torch')})", "",
