@@ -218,7 +218,6 @@ def test_benchmark_table_prints_stderr_of_the_mean_accuracy():
     assert math.isclose(mean, 0.4) and math.isclose(se, 0.025)  # sqrt(0.03^2 + 0.04^2) / 2
 
 
-
 def test_compared_checkpoints_get_names_that_tell_them_apart(tmp_path):
     """`puzzlenas eval W1/child W2/child` is two rows, not one overwritten by the other; a folder
     named like the reference parent does not replace it; the same folder twice is refused."""

@@ -153,22 +153,22 @@ def speed_section(records: dict, results: dict, estimated: bool = False) -> list
     lines = [f"## Predicted vs measured speed (in {results.get('engine', 'torch')})", "",
              "| model | predicted | measured | predicted s per scenario | measured s per scenario |",
              "|---|---|---|---|---|"]
-    reference = models.get(results.get("reference", "parent"))
     if not rows:
         return lines[:2] + ["No model with a predicted speed was evaluated.", ""]
+    reference = results.get("reference", "parent")
+    parent_measured = models[reference]["speed"]["total_s"] if reference in models else None
     parent_predicted = rows[0][1].predicted_speedup * rows[0][1].predicted["total_s"]
-    if reference is not None:
-        lines.append(f"| {results.get('reference', 'parent')} | 1.00x | 1.00x | {parent_predicted:.3f} | "
-                     f"{reference['speed']['total_s']:.3f} |")
+    if parent_measured is not None:
+        lines.append(f"| {reference} | 1.00x | 1.00x | {parent_predicted:.3f} | {parent_measured:.3f} |")
     for name, rec in rows:
         speed = models[name]["speed"]
         lines.append(f"| {name} | {rec.predicted_speedup:.2f}x | {speed['total_speedup']:.2f}x | "
                      f"{rec.predicted['total_s']:.3f} | {speed['total_s']:.3f} |")
     lines.append("")
-    if reference is not None and not estimated:
-        ratio = reference["speed"]["total_s"] / parent_predicted
+    if parent_measured is not None and not estimated:
+        ratio = parent_measured / parent_predicted
         if abs(ratio - 1) > PROFILE_DRIFT:
-            lines += [f"The parent took {reference['speed']['total_s']:.3f} s per scenario here against "
+            lines += [f"The parent took {parent_measured:.3f} s per scenario here against "
                       f"{parent_predicted:.3f} s when the costs stage profiled it ({ratio:.2f}x): the machine ran "
                       "under another load than then, so the predicted speed-ups may not hold (on a host that "
                       "shares its cache with other tenants, decode time changes with their load and not in "
