@@ -124,7 +124,9 @@ def tiny_parent_dir(request, tmp_path_factory) -> Path:
 
 
 def free_port() -> int:
-    """A TCP port free on this machine now (for torchrun's rendezvous, a server under test)."""
+    """A TCP port free on this machine now, for a server under test. torchrun takes `--standalone`
+    instead: its rendezvous store binds port 0 itself, where a port picked here could be taken by
+    another test's connection before torchrun binds it (EADDRINUSE, seen in CI)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import SHARED_DATA, free_port, kill_at_step, make_tiny_parent, smollm2_gguf, start_cli
+from conftest import SHARED_DATA, kill_at_step, make_tiny_parent, smollm2_gguf, start_cli
 from safetensors.torch import load_file
 
 from puzzlenas import bld
@@ -277,7 +277,7 @@ def test_torchrun_two_ranks_equal_one_process(tiny_workdir):
     assert one.wait(timeout=600) == 0, one.stdout.read()
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "puzzlenas", "bld",
+    two = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--standalone", "-m", "puzzlenas", "bld",
                           str(cfg_file), "--workdir", str(tmp / "two"), "--quiet"], env=env, capture_output=True,
                          text=True, timeout=600)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import GKD_CFG, free_port, make_tiny_parent, max_weight_diff, prepare_gkd_workdir, start_cli
+from conftest import GKD_CFG, make_tiny_parent, max_weight_diff, prepare_gkd_workdir, start_cli
 from test_bld import TINY_CFG, _assert_same_library
 
 from puzzlenas.errors import PuzzleError
@@ -38,7 +38,7 @@ OPTS = ["--set", "gkd.tokens=1024", "--set", "gkd.checkpoint_every=2", "--set", 
 def torchrun(args: list[str], nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
     """`torchrun -m puzzlenas ARGS` on `nproc` CPU processes (extra environment `env`)."""
     exe = Path(sys.executable).with_name("torchrun")
-    cmd = [str(exe), "--nproc-per-node", str(nproc), "--master-port", str(free_port()), "-m", "puzzlenas", *args]
+    cmd = [str(exe), "--nproc-per-node", str(nproc), "--standalone", "-m", "puzzlenas", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from test_distributed import finish
 
 from puzzlenas.errors import PuzzleError
@@ -31,7 +30,7 @@ def split_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("split") / "result.json"
     exe = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([str(exe), "--nproc-per-node", "2", "--master-port", str(free_port()), str(WORKER),
+    proc = subprocess.Popen([str(exe), "--nproc-per-node", "2", "--standalone", str(WORKER),
                              str(out), "--lm-eval"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=WORKER.parent)
     log = finish(proc)
