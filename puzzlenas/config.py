@@ -253,6 +253,10 @@ class GKDConfig(_TrainingSection):
     kl_weight: float = Field(1.0, ge=0)
     cosine_weight: float = Field(1.0, ge=0)
     lm_weight: float = Field(0.0, ge=0)
+    # learning rate of what the child shares with the parent (sub-blocks of the parent's shape,
+    # embeddings, final norm, head) as a fraction of optim.lr; the new blocks train at optim.lr.
+    # 0 freezes the shared weights (no weight gradients for them: a cheaper backward)
+    untouched_lr_scale: float = Field(1.0, ge=0)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     val_every: int = Field(50, gt=0)
     checkpoint_every: int = Field(50, gt=0)

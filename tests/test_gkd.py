@@ -72,3 +72,41 @@ def test_gkd_distills_again_when_its_settings_change(gkd_workdir):
     cfg.gkd.val_every = 1  # logging only: the same recipe
     gkd.run(cfg, tmp / "w", parent, data, progress=False)
     assert json.loads(done_file.read_text()) == second
+
+
+def test_gkd_with_untouched_layers_frozen_trains_only_the_new_blocks(gkd_workdir):
+    """gkd.untouched_lr_scale=0: what the child shares with the parent keeps the parent's weights
+    bit for bit, the new block learns and the KL goes down; a scale between 0 and 1 puts the
+    shared weights in a group at that fraction of the learning rate."""
+    import torch
+
+    from puzzlenas.checkpoint.io import save_checkpoint
+    from puzzlenas.library.space import Alternative
+    from puzzlenas.realize import assemble_child, parent_choices
+    from puzzlenas.training import adamw, optimizer_step
+
+    tmp, raw = gkd_workdir
+    cfg, parent, data = prepare_gkd_workdir(tmp / "w", raw)
+    choices = parent_choices(parent.config)  # layer 1: no attention, a half-width FFN from scratch
+    half = parent.config.block_configs[1].ffn.intermediate_size // 2
+    choices[1] = (Alternative(1, "attention", "no_op"), Alternative(1, "ffn", "mlp", half))
+    source = tmp / "w" / "realized" / "solution0"
+    save_checkpoint(assemble_child(parent, choices, random_weights=True), source, overwrite=True)
+    cfg.gkd.untouched_lr_scale = 0
+    out = gkd.run(cfg, tmp / "w", parent, data, progress=False)
+    done = json.loads((tmp / "w" / "gkd" / "done.json").read_text())
+    assert done["val_kl_after"] < 0.7 * done["val_kl_before"], done
+    before, after = load_checkpoint(source), load_checkpoint(out)
+    untouched = gkd.untouched_parameters(after, parent.config)
+    new = {n for n, _ in after.named_parameters()} - untouched
+    assert new == {"model.layers.1.post_attention_layernorm.weight", "model.layers.1.mlp.gate_proj.weight",
+                   "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    b, a = before.state_dict(), after.state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in untouched)
+    assert all(not torch.equal(a[n], b[n]) for n in new)
+
+    groups = gkd.parameter_groups(after, untouched, 0.1)
+    optimizer = adamw(groups, cfg.gkd.optim)
+    optimizer_step(optimizer, after.parameters(), 1e-3, 0)
+    assert [len(g["params"]) for g in optimizer.param_groups] == [len(new), len(untouched)]
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-4])

@@ -105,13 +105,57 @@ def _checkpoint_ids(path: Path) -> tuple[str, str]:
 _NOT_IN_RECIPE = ("solution", "teacher", "offload", "activation_checkpointing", "val_every", "checkpoint_every")
 
 
+# GKD settings added later, at the value that trains what the runs before them trained: left out of
+# the recipe there, so a finished child stays finished
+_RECIPE_NEUTRAL = {"untouched_lr_scale": 1.0}
+
+
+def untouched_parameters(child, parent_config) -> set[str]:
+    """Names of the child's parameters it shares with the parent: the embeddings, final norm and
+    head, and every sub-block (norm included) whose configuration is the parent's. A sub-block of
+    the parent's shape inside a coupled BLD pair counts as untouched too (its config says nothing
+    of where its weights came from)."""
+    names = set()
+    for name, _ in child.named_parameters():
+        parts = name.split(".")
+        if parts[:2] != ["model", "layers"]:
+            names.add(name)
+            continue
+        layer, module = int(parts[2]), parts[3]
+        child_block, parent_block = child.config.block_configs[layer], parent_config.block_configs[layer]
+        if module in ("input_layernorm", "self_attn"):
+            same = child_block.attention == parent_block.attention
+        elif module in ("post_attention_layernorm", "mlp"):
+            same = child_block.ffn == parent_block.ffn
+        else:
+            raise PuzzleError(f"GKD: parameter {name} belongs to no attention or FFN sub-block")
+        if same:
+            names.add(name)
+    return names
+
+
+def parameter_groups(child, untouched: set[str], untouched_lr_scale: float) -> list[dict]:
+    """AdamW groups: the new blocks at the full learning rate, the untouched parameters at
+    untouched_lr_scale of it (frozen ones, requires_grad False, are left out)."""
+    if untouched_lr_scale == 1:  # one group, in the order the optimizer state had before groups
+        return [{"params": [p for p in child.parameters() if p.requires_grad]}]
+    new = [p for n, p in child.named_parameters() if n not in untouched and p.requires_grad]
+    shared = [p for n, p in child.named_parameters() if n in untouched and p.requires_grad]
+    groups = [{"params": new}, {"params": shared, "lr_scale": untouched_lr_scale}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise PuzzleError("GKD: nothing to train (the child is the parent and gkd.untouched_lr_scale is 0)")
+    return groups
+
+
 def recipe_id(cfg, data) -> str:
     """What decides the distilled weights besides the source checkpoint: the training settings, the
     data and the seed. A finished child or a saved state is reused only for the same recipe, so
     `--set gkd.tokens=...` on a finished run distills again instead of keeping the old child."""
     from ..utils import fingerprint
 
-    settings = {k: v for k, v in cfg.gkd.model_dump(mode="json").items() if k not in _NOT_IN_RECIPE}
+    settings = {k: v for k, v in cfg.gkd.model_dump(mode="json").items()
+                if k not in _NOT_IN_RECIPE and not (k in _RECIPE_NEUTRAL and v == _RECIPE_NEUTRAL[k])}
     return fingerprint(settings, cfg.seed, getattr(data, "fingerprint", None), tuple(data.train.shape))
 
 
@@ -163,6 +207,10 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
     # sharded: loaded on the CPU, each layer moves to the device as it is sharded (never the whole child)
     child = load_checkpoint(source).to("cpu" if sharded else device)
     child.train()
+    untouched = untouched_parameters(child, parent.config)
+    if g.untouched_lr_scale == 0:  # before sharding: fully_shard keeps each parameter's requires_grad
+        for name, param in child.named_parameters():
+            param.requires_grad_(name not in untouched)
     if g.activation_checkpointing:
         fsdp.checkpoint_activations(child)
     if sharded:
@@ -174,7 +222,7 @@ def distill(cfg, source: Path, out: Path, state_dir: Path, parent, data, tokeniz
     seq_len = data.train.shape[1]
     tokens_per_step = g.batch_size * g.grad_accum * seq_len
     total_steps = max(1, math.ceil(g.tokens / tokens_per_step))
-    optimizer = adamw(child.parameters(), g.optim)
+    optimizer = adamw(parameter_groups(child, untouched, g.untouched_lr_scale), g.optim)
     step, history = 0, []
     if not sharded:
         step, history = _resume_single(state_dir, child, optimizer, recipe, source_ids, device)
