@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import SHARED_DATA, make_tiny_parent, smollm2_gguf
+from conftest import SHARED_DATA, load_benchmark, make_tiny_parent, smollm2_gguf
 
 from puzzlenas.checkpoint.io import load_checkpoint, save_checkpoint
 from puzzlenas.checkpoint.parent import prepare_parent
@@ -107,3 +107,17 @@ def test_quality_is_measured_once_per_weights_and_speed_every_time(tmp_path, mon
     cfg.eval.ppl_context = 16  # another setting: everything again
     evaluate({"parent": parent, "other": other})
     assert measured == [parent, other, other, parent, other]
+
+
+def test_position_ppl_pools_the_models_own_next_token_loss():
+    """benchmarks/position_ppl.py: the ranges tile positions 1..context-1, and the per-position
+    losses are the model's shifted next-token loss (their mean is transformers' own LM loss)."""
+    bench = load_benchmark("position_ppl")
+    assert bench.position_ranges(512) == [(1, 64), (64, 128), (128, 256), (256, 512)]
+    assert bench.position_ranges(48) == [(1, 48)]
+    model = make_tiny_parent("llama").eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 40))
+    nll = bench.position_nll(model, ids, batch_size=2)
+    assert nll.shape == (3, 39)
+    with torch.no_grad():
+        assert nll.mean().item() == pytest.approx(model(ids, labels=ids).loss.item(), rel=1e-5)
