@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint.io import load_checkpoint, save_checkpoint
 from ..errors import PuzzleError
+from ..library.space import SUBBLOCK_MODULES
 from ..training import (
     adamw,
     autocast,
@@ -122,14 +123,11 @@ def untouched_parameters(child, parent_config) -> set[str]:
             names.add(name)
             continue
         layer, module = int(parts[2]), parts[3]
-        child_block, parent_block = child.config.block_configs[layer], parent_config.block_configs[layer]
-        if module in ("input_layernorm", "self_attn"):
-            same = child_block.attention == parent_block.attention
-        elif module in ("post_attention_layernorm", "mlp"):
-            same = child_block.ffn == parent_block.ffn
-        else:
+        sub = next((sub for sub, modules in SUBBLOCK_MODULES.items() if module in modules), None)
+        if sub is None:
             raise PuzzleError(f"GKD: parameter {name} belongs to no attention or FFN sub-block")
-        if same:
+        # BlockConfig's fields are named as the sub-blocks are: .attention, .ffn
+        if getattr(child.config.block_configs[layer], sub) == getattr(parent_config.block_configs[layer], sub):
             names.add(name)
     return names
 

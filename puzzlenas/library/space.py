@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # annotations only: config imports this module to check choic
     from ..config import SearchSpaceConfig
 
 KINDS = ("gqa", "mlp", "linear", "no_op")
+# a decoder layer's modules per sub-block (its norm first): the names its tensors start with
+SUBBLOCK_MODULES = {"attention": ("input_layernorm", "self_attn"), "ffn": ("post_attention_layernorm", "mlp")}
 
 
 @dataclass(frozen=True, order=True)
@@ -189,7 +191,7 @@ def build_subblock(config: DeciLMConfig, alt: Alternative) -> SubBlock | None:
 
 def parent_subblock_state(parent, alt: Alternative) -> dict[str, torch.Tensor]:
     """The parent layer's tensors for `alt`'s sub-block (norm included), layer-relative names."""
-    prefixes = ("input_layernorm.", "self_attn.") if alt.sub == "attention" else ("post_attention_layernorm.", "mlp.")
+    prefixes = tuple(m + "." for m in SUBBLOCK_MODULES[alt.sub])
     layer = parent.model.layers[alt.layer]
     return {k: v for k, v in layer.state_dict().items() if k.startswith(prefixes)}
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import PuzzleError
-from ..library.space import Alternative, CoupledPair, is_parent_alternative, parent_subblock_state
+from ..library.space import SUBBLOCK_MODULES, Alternative, CoupledPair, is_parent_alternative, parent_subblock_state
 from ..library.store import Library
 from ..model import BlockConfig, DeciLMConfig, DeciLMForCausalLM
 from ..workdir import SolutionRecord
@@ -73,7 +73,7 @@ def assemble_child(
                     raise PuzzleError(f"{alt.name} is not the parent's block: assembling it needs the library")
                 state = library.load_block(alt)
             missing, unexpected = target.load_state_dict(state, strict=False)
-            prefix = ("input_layernorm", "self_attn") if alt.sub == "attention" else ("post_attention_layernorm", "mlp")
+            prefix = SUBBLOCK_MODULES[alt.sub]
             if unexpected or any(m.startswith(prefix) for m in missing):
                 raise PuzzleError(f"block {alt.name} does not fit layer {layer}: missing {missing}, unexpected {unexpected}")
     child.config.dtype = dtype
