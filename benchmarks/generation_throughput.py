@@ -6,9 +6,11 @@ With no data.path the parent samples its distillation text from BOS (data.genera
 on a CPU that is the data stage's whole cost, and the default preset's 528 sequences take about
 ten minutes. Does bf16 buy it back where the CPU runs bf16 natively, as it does for BLD and GKD?
 Three ways to write the same text, per precision:
-  fp32           what data.prepare_data does
-  bf16 autocast  the fp32 parent under torch.autocast (BLD and GKD train so)
-  bf16 weights   a bf16 copy of the parent (twice the memory while it writes)
+  fp32           what data.prepare_data does by default (data.dtype: float32)
+  bf16 autocast  the fp32 parent under torch.autocast (BLD and GKD train so); its weights do not
+                 require grad, so autocast casts each of them again at every decoding step
+  bf16 weights   a bf16 copy of the parent (1.5x the memory while it writes): what
+                 data.dtype: bfloat16 (or auto, where bf16 is native) does
 This prints, per way:
   tok/s      generated tokens per second, median over --rounds rounds of one batch each, the
              precisions interleaved round by round (this machine is shared), with the spread

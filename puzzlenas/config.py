@@ -42,6 +42,12 @@ class DataConfig(Section):
     generate_sequences: int = Field(256, gt=0)
     generate_temperature: float = Field(1.0, gt=0)
     generated_fraction: float | None = Field(None, gt=0, lt=1)
+    # the precision the parent writes its text in: "bfloat16", a bf16 copy of it (1.8x fp32's
+    # tokens/s on an AVX512-BF16 CPU, its next-token distribution a KL of 0.0014 from fp32's for
+    # SmolLM2, README: Benchmarks; on an AVX2-only CPU bf16 is emulated and far slower); "auto":
+    # bf16 where the device runs bf16 matmuls natively. float32, the default, is the parent as it
+    # is held, and what releases before this option wrote (their caches keep their key)
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     # under torchrun (the tokens are the same either way): "none": rank 0 holds the whole parent
     # to generate; "layers": its layers are split over the ranks (model/split.py), for a parent
     # too big for one device
