@@ -65,3 +65,23 @@ def test_data_dtype_picks_the_writer_and_an_explicit_precision_gets_its_own_cach
         made.setdefault(dtype, data.fingerprint)
         assert data.fingerprint == made[dtype]  # the second float32 call reads its cache
     assert len(list((tmp_path / "data").glob("tokens-*.safetensors"))) == 2
+
+
+def test_the_filled_cache_decodes_what_the_dynamic_cache_decodes():
+    """Decoding with keys and values written in place (FilledKVCache) gives the logits that
+    transformers' DynamicCache gives, step for step, and its capacity is enforced."""
+    from transformers.cache_utils import DynamicCache
+
+    from puzzlenas.data import FilledKVCache
+
+    parent = _parent()
+    ids = torch.randint(3, parent.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    caches = {"filled": FilledKVCache(9), "dynamic": DynamicCache()}
+    for t in range(ids.shape[1]):
+        step = ids[:, : t + 1] if t == 0 else ids[:, t : t + 1]
+        logits = {name: parent(step, cache=cache, use_cache=True).logits for name, cache in caches.items()}
+        assert torch.equal(logits["filled"], logits["dynamic"]), t
+    full = parent(ids).logits[:, -1]
+    torch.testing.assert_close(logits["filled"][:, -1], full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="capacity of 9"):
+        parent(ids[:, :1], cache=caches["filled"], use_cache=True)

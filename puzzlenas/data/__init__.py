@@ -210,6 +210,37 @@ def sample_tokens(logits: torch.Tensor, temperature: float, gen: torch.Generator
     return torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)
 
 
+class FilledKVCache:
+    """A KV cache for decoding to a known length: each attention layer's keys and values are
+    written in place into buffers of that length, and the layer attends to a view of the filled
+    part. transformers' DynamicCache concatenates instead, copying a layer's whole cache at every
+    step, which grows with the square of the length. Holds what DeciLM's attention asks of a
+    cache (get_seq_length, update)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.filled: dict[int, int] = {}
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.filled.get(layer_idx, 0)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
+        """Append (B, KV, T, D) keys and values; return the layer's keys and values so far."""
+        if layer_idx not in self.keys:
+            B, H, _, D = k.shape
+            self.keys[layer_idx] = k.new_empty(B, H, self.capacity, D)
+            self.values[layer_idx] = v.new_empty(B, H, self.capacity, D)
+        start, end = self.filled.get(layer_idx, 0), self.filled.get(layer_idx, 0) + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"FilledKVCache: {end} positions exceed its capacity of {self.capacity}")
+        self.keys[layer_idx][:, :, start:end] = k
+        self.values[layer_idx][:, :, start:end] = v
+        self.filled[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+
 @torch.no_grad()
 def generate_sequences(model, tokenizer, n: int, seq_len: int, temperature: float, seed: int, batch: int = 64):
     """The parent's own text: `n` sequences sampled from BOS (Puzzle works with no data at all).
@@ -218,16 +249,21 @@ def generate_sequences(model, tokenizer, n: int, seq_len: int, temperature: floa
     (SmolLM2 on a 2-core CPU: 64 sequences per step gave 1.5x the tokens/s of 16)."""
     from tqdm.auto import tqdm
 
+    from ..model.modeling_decilm import DeciLMForCausalLM
+
     bos = tokenizer.bos_token_id if tokenizer is not None and tokenizer.bos_token_id is not None else model.config.bos_token_id
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    # puzzlenas's own model takes a FilledKVCache; any other (a parent split over the torchrun
+    # ranks keeps its caches on its ranks, model/split.py) makes its own cache at the first step
+    filled = isinstance(model, DeciLMForCausalLM)
     out = []
     for start in tqdm(range(0, n, batch), desc="generating distillation text", unit="batch"):
         b = min(batch, n - start)
         seq = torch.full((b, 1), bos, dtype=torch.long, device=device)
-        cache = None
-        for _ in range(seq_len - 1):
-            step_in = seq if cache is None else seq[:, -1:]
+        cache = FilledKVCache(seq_len) if filled else None
+        for step in range(seq_len - 1):
+            step_in = seq if step == 0 else seq[:, -1:]
             result = model(step_in, cache=cache, use_cache=True)
             cache = result.cache if hasattr(result, "cache") and result.cache is not None else result.past_key_values
             nxt = sample_tokens(result.logits[:, -1].float().cpu(), temperature, gen).to(device)
