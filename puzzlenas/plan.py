@@ -352,9 +352,7 @@ def make_plan(cfg: PuzzleConfig, arch: Arch, devices: int, device_bytes: float, 
     if cfg.data.path is None or cfg.data.generated_fraction is not None:
         # an upper bound: "auto" is bf16 where it runs natively; a split parent writes as it is held
         if bw == 4 and cfg.data.dtype != "float32" and cfg.data.parallel != "layers":
-            held_bytes = s.items[0].bytes
-            s.items.append(Item("weights", "bf16 copy of the parent (data.dtype)", held_bytes / 2,
-                                "it writes the distillation text"))
+            s.items.append(Item("weights", "bf16 copy of the parent, writing (data.dtype)", P * 2, f"{P / 1e9:.2f}B params x 2 B"))
         gb = 64  # generate_sequences' batch
         kv = 2 * held * arch.kv_dim * S * gb * bw
         s.items.append(Item("caches", "KV cache, generation", kv, f"2 x {held} layers x {arch.kv_dim} x {S} tok x {gb} seq x {bw} B"))

@@ -159,6 +159,27 @@ def test_data_and_eval_with_the_layers_split_fit_where_the_whole_parent_does_not
     assert g1.part("caches") == 8 * g8.part("caches") > 0
 
 
+def test_a_bf16_writer_of_the_data_is_counted_beside_the_fp32_parent():
+    """data.dtype=bfloat16 (or auto) with the parent held in fp32: the bf16 copy that writes the
+    text, half the parent's bytes, on top; nothing with a path and no generated share, in bf16, or split."""
+    arch = parent_arch("smollm2")
+
+    def data_stage(overrides):
+        plan = make_plan(config_from_dict({}, "t", overrides), arch, 1, 24 * GiB, "cpu", cuda=False)
+        return next(x for x in plan.stages if x.stage == "data")
+
+    def data_weights(overrides):
+        return data_stage(overrides).part("weights")
+
+    fp32 = data_weights([])
+    assert fp32 == arch.params * 4
+    assert data_weights(["data.dtype=bfloat16"]) == data_weights(["data.dtype=auto"]) == fp32 + arch.params * 2
+    assert data_weights(["data.dtype=auto", "data.path=/corpus"]) == fp32
+    assert data_weights(["data.dtype=auto", "dtype=bfloat16"]) == arch.params * 2
+    split = data_stage(["data.dtype=auto", "data.parallel=layers"])
+    assert not any("bf16 copy" in item.label for item in split.items)
+
+
 def test_the_run_refuses_a_stage_that_does_not_fit_before_any_work():
     cfg = load_config(ROOT / "configs" / "llama3_8b_gpu.yaml")
     with pytest.raises(PuzzleError, match=r"memory plan: bld: .* needs \d+ such devices") as info:
