@@ -232,7 +232,8 @@ class FilledKVCache:
             B, H, _, D = k.shape
             self.keys[layer_idx] = k.new_empty(B, H, self.capacity, D)
             self.values[layer_idx] = v.new_empty(B, H, self.capacity, D)
-        start, end = self.filled.get(layer_idx, 0), self.filled.get(layer_idx, 0) + k.shape[2]
+        start = self.filled.get(layer_idx, 0)
+        end = start + k.shape[2]
         if end > self.capacity:
             raise ValueError(f"FilledKVCache: {end} positions exceed its capacity of {self.capacity}")
         self.keys[layer_idx][:, :, start:end] = k
