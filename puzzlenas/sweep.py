@@ -167,6 +167,9 @@ def target_rows(sub: Path) -> dict:
     results = json.loads((sub / "eval" / "results.json").read_text())
     solutions = read_solutions(sub)
     chosen = read_selection(sub).chosen if (sub / SELECTION).is_file() else None
+    from .eval import above_chance
+
+    chance = above_chance(results) or {"kept": {}, "kept_stderr": {}}  # None: evaluated before chance levels
     rows = {}
     for row, name in MODELS.items():
         r = results["models"].get(name)
@@ -179,6 +182,8 @@ def target_rows(sub: Path) -> dict:
         spread = r["speed"].get("spread", {}).get("total", {})
         rows[row] = {"kl": r["kl"], "agreement": r["agreement"], "wikitext2_ppl": r["wikitext2"]["perplexity"],
                      "mean_accuracy": sum(accs) / len(accs) if accs else None, "params": r.get("params"),
+                     "kept_above_chance": chance["kept"].get(name),
+                     "kept_above_chance_stderr": chance["kept_stderr"].get(name),
                      "speedup": r["speed"]["total_speedup"], "speedup_min": spread.get("min"),
                      "speedup_max": spread.get("max")}
     rows["child"]["solution"] = chosen
@@ -194,20 +199,25 @@ def _primary(scores: dict):
 
 
 def format_sweep(sweep: dict) -> str:
-    lines = ["| target | model | KL | WikiText-2 ppl | mean accuracy | measured speed-up (min-max) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| target | model | KL | WikiText-2 ppl | mean accuracy | margin above chance kept | "
+             "measured speed-up (min-max) |", "|---|---|---|---|---|---|---|"]
     for target, rows in sweep["rows"].items():
         for row, r in rows.items():
             if "missing" in r:
-                lines.append(f"| {target} | {row} | not reachable: {r['missing']} | | | |")
+                lines.append(f"| {target} | {row} | not reachable: {r['missing']} | | | | |")
                 continue
             acc = "n/a" if r["mean_accuracy"] is None else f"{r['mean_accuracy']:.3f}"
+            kept = ("n/a" if r.get("kept_above_chance") is None
+                    else f"{r['kept_above_chance']:.0%} ± {r['kept_above_chance_stderr']:.0%}")
             spread = (f" ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})" if r.get("speedup_min") is not None else "")
             label = f"child (solution {r['solution']})" if row == "child" and r.get("solution") is not None else row
-            lines.append(f"| {target} | {label} | {r['kl']:.4f} | {r['wikitext2_ppl']:.2f} | {acc} | "
+            lines.append(f"| {target} | {label} | {r['kl']:.4f} | {r['wikitext2_ppl']:.2f} | {acc} | {kept} | "
                          f"{r['speedup']:.2f}x{spread} |")
     lines += ["", f"Every model distilled with gkd.tokens={sweep['gkd_tokens']}; speed-ups measured in "
-              f"{sweep['engine']} against the parent in each target's own eval run (median of per-round ratios)."]
+              f"{sweep['engine']} against the parent in each target's own eval run (median of per-round ratios). "
+              "Mean accuracy: each task's acc. Margin above chance kept: (model - chance) / (parent - chance) "
+              "over the tasks where the parent is more than 2 standard errors above chance, acc_norm where "
+              "the task has it (eval/results.md lists them)."]
     return "\n".join(lines)
 
 

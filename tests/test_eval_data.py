@@ -15,7 +15,7 @@ from conftest import SHARED_DATA, make_tiny_parent, make_tiny_tokenizer, smollm2
 
 from puzzlenas.config import config_from_dict
 from puzzlenas.errors import PuzzleError
-from puzzlenas.eval import format_results, lm_eval_accuracy, task_scores
+from puzzlenas.eval import above_chance, chance_levels, format_results, lm_eval_accuracy, task_scores
 from puzzlenas.eval.data import ENV, hub_problem, local_task_files, resolve_eval_data, wikitext_from_rows
 from puzzlenas.preflight import check_eval_inputs, check_inputs
 
@@ -205,6 +205,51 @@ def test_lm_eval_on_local_tasks_reports_stderr_and_counts(tmp_path):
     md = format_results(report)
     assert f"{scores['boolq']['acc']:.3f} ± {scores['boolq']['acc_stderr']:.3f}" in md
     assert "items per task: arc_challenge 6, boolq 6" in md and "standard error" in md
+
+
+def test_chance_levels_are_one_over_the_choices_of_the_items_scored(tmp_path):
+    """ARC-Challenge has items of 3, 4 and 5 choices: its chance level over the first `limit` items is
+    the mean of 1 / choices of exactly those items, read here from the file itself."""
+    import json
+
+    data = resolve_eval_data(config_from_dict({"eval": {"task_data_dir": str(SHARED_DATA)}}).eval)
+    rows = [json.loads(line) for line in (SHARED_DATA / "arc_challenge" / "ARC-Challenge-Test.jsonl").open()]
+    limit = next(i for i, r in enumerate(rows) if len(r["choices"]["text"]) != 4) + 5  # past a 3- or 5-choice item
+    levels = chance_levels(data, ["arc_challenge", "boolq", "lambada_openai"], tmp_path, limit)
+    expected = sum(1 / len(r["choices"]["text"]) for r in rows[:limit]) / limit
+    assert expected != 0.25 and math.isclose(levels["arc_challenge"], expected)
+    assert levels["boolq"] == 0.5 and levels["lambada_openai"] == 0.0
+    assert math.isclose(chance_levels(data, ["arc_challenge"], tmp_path, None)["arc_challenge"],
+                        sum(1 / len(r["choices"]["text"]) for r in rows) / len(rows))
+
+
+def test_margin_above_chance_counts_only_tasks_the_parent_is_above_chance_on():
+    def scores(**values):  # every score with a standard error of 0.02
+        return {k: v for name, value in values.items() for k, v in ((name, value), (f"{name}_stderr", 0.02))}
+
+    speed = {"prefill_speedup": 1.0, "decode_speedup": 1.0, "total_speedup": 1.0}
+    tasks = {
+        "parent": {"mc": scores(acc=0.40, acc_norm=0.45), "coin": scores(acc=0.52), "greedy": scores(acc=0.30)},
+        "child": {"mc": scores(acc=0.20, acc_norm=0.35), "coin": scores(acc=0.62), "greedy": scores(acc=0.15)},
+    }
+    report = {"models": {n: {"params": 1e6, "wikitext2": {"perplexity": 9.0, "tokens": 10}, "kl": 0.0, "agreement": 1.0,
+                             "tasks": t, "speed": speed} for n, t in tasks.items()},
+              "reference": "parent", "scenario": {"batch_size": 1, "prompt_len": 8, "generate_len": 4},
+              "limit_per_task": 6, "chance": {"mc": 0.25, "coin": 0.5, "greedy": 0.0}}
+    summary = above_chance(report)
+    # mc uses acc_norm (0.45 - 0.25 = 0.20 above chance): the child keeps 0.10 / 0.20; greedy 0.15 / 0.30;
+    # the parent's coin task (0.52 against 0.5, within 2 standard errors) is not counted, whatever the child does
+    assert summary["tasks"]["mc"]["metric"] == "acc_norm" and summary["counted"] == ["mc", "greedy"]
+    assert not summary["tasks"]["coin"]["counted"]
+    assert math.isclose(summary["kept"]["child"], 0.5) and summary["kept"]["parent"] == 1.0
+    se_mc = math.sqrt(0.02**2 + (0.5 * 0.02) ** 2) / 0.20
+    se_greedy = math.sqrt(0.02**2 + (0.5 * 0.02) ** 2) / 0.30
+    assert math.isclose(summary["kept_stderr"]["child"], math.sqrt(se_mc**2 + se_greedy**2) / 2)
+    md = format_results(report)
+    assert "| margin above chance kept | | | **100%** | **50%** ± 7% |" in md
+    assert "0.520 ± 0.020 (not above chance: not counted)" in md
+    assert above_chance({**report, "chance": None}) is None  # results written before chance levels
+    assert "Against chance" not in format_results({**report, "chance": None})
 
 
 def test_benchmark_table_prints_stderr_of_the_mean_accuracy():

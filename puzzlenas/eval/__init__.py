@@ -13,7 +13,10 @@ Per model:
   lm-eval      zero-shot accuracy via lm-evaluation-harness, the model passed as an object: any lm-eval
                task name; the shipped ones (tasks/*.yaml) read a local copy when one is configured,
                everything else comes from the hub (data.py says where data comes from). `limit` items
-               per task (all when a task has fewer), each accuracy with its standard error
+               per task (all when a task has fewer), each accuracy with its standard error, and
+               each task's chance level (chance_levels): how much of the parent's margin above
+               chance a model keeps (above_chance), since a task the parent answers at chance
+               cannot show what a child kept
   speed        prefill and decode tokens/s for the scenario, timed in the target engine
                (cfg.target.engine: puzzlenas's PyTorch model, or vLLM from the checkpoint folders),
                every model in the same run and in turns (A B C A B C ...), and each speed-up vs
@@ -24,6 +27,7 @@ Results: eval/results.json and eval/results.md.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -107,13 +111,98 @@ def lm_eval_accuracy(model, tokenizer, data: EvalData, tasks: list[str], work: P
                      batch_size: int = 8) -> dict:
     """Zero-shot scores from lm-evaluation-harness, the model passed as a loaded object:
     task -> {metric: value, metric_stderr: its standard error, "n": items scored}."""
+    with _environment(_offline_if_local(data, tasks)):
+        return _lm_eval_accuracy(model, tokenizer, data, tasks, work, limit, batch_size)
+
+
+def _offline_if_local(data: EvalData, tasks: list[str]) -> dict[str, str]:
+    """Everything local: keep `datasets` from asking the hub about the json builder (slow or hanging
+    without network); only for one call, so a hub task still reaches the hub and nothing loaded later
+    in this process (a tokenizer saved with `local_files_only`) sees the setting."""
     local = [t for t in tasks if data.has_local(t)]
-    # everything local: keep `datasets` from asking the hub about the json builder (slow or hanging
-    # without network); only for this call, so a hub task still reaches the hub and nothing loaded
-    # later in this process (a tokenizer saved with `local_files_only`) sees the setting
-    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"} if local and len(local) == len(tasks) else {}
-    with _environment(offline):
-        return _lm_eval_accuracy(model, tokenizer, data, tasks, local, work, limit, batch_size)
+    return {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"} if local and len(local) == len(tasks) else {}
+
+
+def _task_manager(data: EvalData, tasks: list[str], work: Path):
+    """lm-eval's TaskManager for `tasks`, and the name it knows each one by (local_<task> for the
+    shipped configs reading the local copy)."""
+    from lm_eval.tasks import TaskManager
+
+    local = [t for t in tasks if data.has_local(t)]
+    names = dict(zip(local, write_task_configs(data.local, work / "tasks", local))) if local else {}
+    names.update({t: t for t in tasks if t not in names})
+    # lm-eval's own task index takes ~10 s to build: only when a task needs it
+    manager = TaskManager(include_path=str(work / "tasks") if local else None, include_defaults=len(local) < len(tasks))
+    return manager, names
+
+
+def chance_levels(data: EvalData, tasks: list[str], work: Path, limit: int | None) -> dict[str, float | None]:
+    """Task -> the accuracy of answering at random, over the items lm-eval scores (the first `limit`
+    of each leaf task): the mean of 1 / (number of choices) for a multiple-choice task, 0 for a
+    loglikelihood task (its accuracy is an exact greedy match of the continuation; no guess reaches
+    it), None for any other kind. A property of the task files alone, so it is computed once per
+    evaluation and holds for results read from the memo too."""
+    with _environment(_offline_if_local(data, tasks)):
+        manager, names = _task_manager(data, tasks, work)
+        out: dict[str, float | None] = {}
+        for task in tasks:
+            levels: list[float] = []
+            for leaf in manager.load(names[task])["tasks"].values():
+                docs = list(itertools.islice(leaf.eval_docs, limit))
+                if leaf.OUTPUT_TYPE == "multiple_choice":
+                    levels += [1 / len(leaf.doc_to_choice(doc)) for doc in docs]
+                elif leaf.OUTPUT_TYPE == "loglikelihood":
+                    levels += [0.0] * len(docs)
+                else:  # generation: no chance level that holds in general
+                    levels = []
+                    break
+            out[task] = sum(levels) / len(levels) if levels else None
+    return out
+
+
+# Which accuracy the chance comparison uses: lm-eval's length-normalized choice where the task
+# reports one (the figure usually published for ARC and OpenBookQA: plain acc favours short
+# answers, which puts SmolLM2 below chance on both), else acc. One metric per task, fixed in
+# advance, so that no model's best metric is picked after the fact.
+CHANCE_METRICS = ("acc_norm", "acc")
+
+
+def above_chance(report: dict) -> dict | None:
+    """How much of the reference model's margin above chance each model keeps.
+
+    Per task with a chance level: the metric (CHANCE_METRICS), whether the reference is above chance
+    by more than twice its standard error, and per model (value - chance) / (reference - chance) with
+    its standard error (first-order, the two scores taken as independent: an upper bound when, as
+    here, both models answer the same items). `kept` is each model's mean of that ratio over the
+    tasks where the reference is above chance, `kept_stderr` its standard error; None when no task
+    is (then the tasks cannot tell what a model kept). None without chance levels (results written
+    before they were computed)."""
+    chance, models, ref = report.get("chance"), report["models"], report["reference"]
+    if not chance or "tasks" not in models[ref]:
+        return None
+    rows: dict[str, dict] = {}
+    for task, level in chance.items():
+        scores = models[ref]["tasks"].get(task, {})
+        metric = next((m for m in CHANCE_METRICS if m in scores), None)
+        if level is None or metric is None:
+            continue
+        margin, ref_se = scores[metric] - level, scores.get(f"{metric}_stderr", 0.0)
+        counted = margin > 2 * ref_se
+        kept, kept_se = {}, {}
+        for name, r in models.items():
+            s = r.get("tasks", {}).get(task, {})
+            if counted and metric in s:
+                kept[name] = (s[metric] - level) / margin
+                kept_se[name] = 0.0 if name == ref else (
+                    s.get(f"{metric}_stderr", 0.0) ** 2 + (kept[name] * ref_se) ** 2) ** 0.5 / margin
+        rows[task] = {"metric": metric, "chance": level, "counted": counted, "kept": kept, "kept_stderr": kept_se}
+    counted = [t for t, row in rows.items() if row["counted"]]
+    have = {name for name in models if counted and all(name in rows[t]["kept"] for t in counted)}
+    kept = {name: sum(rows[t]["kept"][name] for t in counted) / len(counted) if name in have else None
+            for name in models}
+    kept_se = {name: sum(rows[t]["kept_stderr"][name] ** 2 for t in counted) ** 0.5 / len(counted)
+               if name in have else None for name in models}
+    return {"tasks": rows, "counted": counted, "kept": kept, "kept_stderr": kept_se}
 
 
 @contextlib.contextmanager
@@ -128,18 +217,14 @@ def _environment(values: dict[str, str]):
             os.environ.pop(key, None)
 
 
-def _lm_eval_accuracy(model, tokenizer, data: EvalData, tasks: list[str], local: list[str], work: Path,
-                      limit: int | None, batch_size: int) -> dict:
+def _lm_eval_accuracy(model, tokenizer, data: EvalData, tasks: list[str], work: Path, limit: int | None,
+                      batch_size: int) -> dict:
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise PuzzleError("lm-eval is not installed: pip install -e '.[eval]'") from None
-    names = dict(zip(local, write_task_configs(data.local, work / "tasks", local))) if local else {}
-    names.update({t: t for t in tasks if t not in names})
-    # lm-eval's own task index takes ~10 s to build: only when a task needs it
-    manager = TaskManager(include_path=str(work / "tasks") if local else None, include_defaults=len(local) < len(tasks))
+    manager, names = _task_manager(data, tasks, work)
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     # bootstrap_iters=0: lm-eval's bootstrap of perplexity takes minutes; the standard errors are
@@ -234,6 +319,8 @@ def evaluate_models(models: dict, parent_name: str, tokenizer, cfg, val_ids: tor
     report = {"scenario": scenario.__dict__, "engine": engine, "reference": parent_name,
               "limit_per_task": e.limit, "ppl_max_tokens": e.ppl_max_tokens, "eval_data": data.source,
               "models": results}
+    if tasks:
+        report["chance"] = chance_levels(data, tasks, out_dir, e.limit)
     atomic_write_json(out_dir / "results.json", report)
     atomic_write_text(out_dir / "results.md", format_results(report))
     return report
@@ -325,4 +412,35 @@ def format_results(report: dict) -> str:
                  f"(min-max in brackets).{lm_eval} Perplexity over "
                  f"{next(iter(models.values()))['wikitext2']['tokens']} WikiText-2 test tokens"
                  f"{' from ' + report['eval_data'] if report.get('eval_data') else ''}.")
+    lines += format_above_chance(report)
     return "\n".join(lines) + "\n"
+
+
+def format_above_chance(report: dict) -> list[str]:
+    """The chance table under the results: each task's chance level, every model's score on the
+    task's chance metric, and the share of the reference's margin above chance each model keeps."""
+    summary = above_chance(report)
+    if not summary or not summary["tasks"]:
+        return []
+    models, ref = report["models"], report["reference"]
+    head = ["task", "metric", "chance"] + list(models)
+    lines = ["", "Against chance (a task counts only where the reference is more than 2 standard errors above it):",
+             "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for task, row in summary["tasks"].items():
+        cells = [task, row["metric"], f"{row['chance']:.3f}"]
+        for name, r in models.items():
+            cell = format_score(r.get("tasks", {}).get(task, {}), row["metric"])
+            if name == ref and not row["counted"]:
+                cell += " (not above chance: not counted)"
+            elif name in row["kept"] and name != ref:
+                cell += f" ({row['kept'][name]:.0%} ± {row['kept_stderr'][name]:.0%})"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    kept = ["n/a" if v is None else f"**{v:.0%}**" + (f" ± {se:.0%}" if name != ref else "")
+            for (name, v), se in zip(summary["kept"].items(), summary["kept_stderr"].values())]
+    lines.append("| margin above chance kept | | | " + " | ".join(kept) + " |")
+    lines += ["", f"Kept = (model - chance) / ({ref} - chance), averaged over "
+              f"{', '.join(summary['counted']) or 'no task'}; ± its standard error (first order, the two scores "
+              "taken as independent). Chance: 1 / choices per item (0 where the score is an exact greedy match). "
+              "Metric: acc_norm where the task has it, else acc."]
+    return lines
