@@ -56,6 +56,10 @@ def test_smollm2_eval_parent_vs_itself_and_lm_eval(tmp_path):
     rows = [line for line in md.splitlines() if line.startswith(("| parent", "| copy"))]
     assert len(rows) == 2 and all(row.count(" ± ") == 4 for row in rows), md  # one per task and model
     assert "items per task: arc_challenge 4" in md
+    # chance levels of the same 4 items, and the table that compares every model with them
+    assert report["chance"]["boolq"] == 0.5 and report["chance"]["lambada_openai"] == 0.0
+    assert 0.2 <= report["chance"]["arc_challenge"] <= 1 / 3 and report["chance"]["openbookqa"] == 0.25
+    assert "Against chance" in md and "| margin above chance kept |" in md
     # lm-eval's own `hf` model loads the checkpoint through trust_remote_code
     from lm_eval.models.huggingface import HFLM
 

@@ -280,6 +280,8 @@ def evaluate_models(models: dict, parent_name: str, tokenizer, cfg, val_ids: tor
     if problem:
         raise PuzzleError(problem)
     wikitext = data.wikitext_text()
+    # before any model is measured: a task whose files lm-eval cannot read stops here, not after
+    chance = chance_levels(data, tasks, out_dir, e.limit) if tasks else None
     parent = models[parent_name]
     memo = None
     from ..training import rank_world
@@ -320,7 +322,7 @@ def evaluate_models(models: dict, parent_name: str, tokenizer, cfg, val_ids: tor
               "limit_per_task": e.limit, "ppl_max_tokens": e.ppl_max_tokens, "eval_data": data.source,
               "models": results}
     if tasks:
-        report["chance"] = chance_levels(data, tasks, out_dir, e.limit)
+        report["chance"] = chance
     atomic_write_json(out_dir / "results.json", report)
     atomic_write_text(out_dir / "results.md", format_results(report))
     return report
