@@ -172,8 +172,8 @@ def above_chance(report: dict) -> dict | None:
 
     Per task with a chance level: the metric (CHANCE_METRICS), whether the reference is above chance
     by more than twice its standard error, and per model (value - chance) / (reference - chance) with
-    its standard error (first-order, the two scores taken as independent: an upper bound when, as
-    here, both models answer the same items). `kept` is each model's mean of that ratio over the
+    its standard error (first-order, the two scores taken as independent: an upper bound when the
+    two models tend to get the same items right, as a child and its parent do). `kept` is each model's mean of that ratio over the
     tasks where the reference is above chance, `kept_stderr` its standard error; None when no task
     is (then the tasks cannot tell what a model kept). None without chance levels (results written
     before they were computed)."""
