@@ -154,7 +154,8 @@ def measure_profile(cfg, workdir: Path, parent, alternatives, scenario: Scenario
         times = {shape: measured["shapes"][shape] for shape in {a.shape for a in alternatives}}
         shared = measured["shared"]
         extra = {"engine": engine.name, "method": "whole-model variants", "decode_steps": measured["decode_steps"],
-                 "parent_measured": measured["parent_measured"], "variants": measured["variants"],
+                 "parent_measured": measured["parent_measured"], "additivity": measured["additivity"],
+                 "variants": measured["variants"],
                  "warnings": measured["warnings"]}
     else:
         from tqdm.auto import tqdm

@@ -10,9 +10,19 @@ we build a *variant* of the parent in which every layer that may hold that shape
     cost(shape) - cost(parent's shape) = (T_variant - T_parent) / layers changed,
 
 separately for prefill and for one decode step; the median over rounds is kept. A no-op costs
-nothing by definition, which anchors the parent's own sub-block costs, and what is left of the
-parent's time is the shared part (embedding, LM head, per-step overhead). The MIP then adds
-these up: T_child = shared + sum over layers of its sub-blocks' costs.
+nothing by definition, which anchors the parent's own sub-block costs.
+
+The shared part (embedding, LM head, per-step overhead) is timed directly too: a variant with
+every sub-block a no-op but layer 0's attention (llama.cpp aborts on a model without any
+attention). What is left of the parent's time after the two no-op variants took their layers
+off, T_attention-no-op + T_ffn-no-op - T_parent, says the same in theory, but it is a small
+difference of three large, separately timed numbers: on runs/s12's parent it came out at 9 %
+of the parent's time in one profile and 1 % in another, and between 3 % and 31 % round by
+round, where the direct variant measured 5.4-6.9 % (runs/exp18/shared_direct.py in the work
+area, 7 rounds). The parent's own sub-block costs are then scaled by one factor per phase
+(`additivity` in the profile) so that shared + layers x (attention + FFN) is the parent's
+measured time again. The MIP adds these up: T_child = shared + sum over layers of its sub-blocks'
+costs.
 """
 
 from __future__ import annotations
@@ -27,10 +37,15 @@ from ..library.space import Alternative
 log = logging.getLogger(__name__)
 
 
+PHASES = ("prefill_s", "decode_s")  # a prefill, and one decode step
+# the variant that times the shared part: every sub-block a no-op but layer 0's attention
+SHARED_ONLY = ("shared", "only", None)
+
+
 def shape_name(shape: tuple[str, str, int | None]) -> str:
-    """A variant's name (its folder, its key in the profile): `ffn-mlp768`, `attention-no_op`."""
+    """A variant's name (its folder, its key in the profile): `ffn-mlp768`, `attention-no_op`, `shared-only`."""
     sub, kind, size = shape
-    return f"{sub}-{Alternative.format_short(kind, size)}"
+    return "shared-only" if shape == SHARED_ONLY else f"{sub}-{Alternative.format_short(kind, size)}"
 
 
 def _steady_rounds(parent_timings, typical: float, tolerance: float = 0.25) -> list[int]:
@@ -62,6 +77,16 @@ def variant_choices(config, engine, shape) -> tuple[list, int]:
     return choices, changed
 
 
+def shared_only_choices(config) -> tuple[list, int]:
+    """Every layer's attention and FFN a no-op except layer 0's attention; and how many sub-blocks
+    that takes off the parent (2n - 1)."""
+    from ..realize import parent_choices
+
+    choices = [(attn if layer == 0 else Alternative(layer, "attention", "no_op"), Alternative(layer, "ffn", "no_op"))
+               for layer, (attn, _ffn) in enumerate(parent_choices(config))]
+    return choices, 2 * len(choices) - 1
+
+
 def measure_variants_profile(parent, parent_dir: Path | None, engine, alternatives: list[Alternative], scenario, dtype: str,
                              warmup: int, repeats: int, scratch: Path, progress: bool = True) -> dict:
     """{"shared": {prefill_s, decode_s}, "shapes": {shape: {prefill_s, decode_s}}, "variants": raw timings,
@@ -75,14 +100,15 @@ def measure_variants_profile(parent, parent_dir: Path | None, engine, alternativ
     shapes = sorted({a.shape for a in alternatives}, key=str)
     # the no-op variants anchor the parent's own sub-block costs, whether or not they are searched
     measured = sorted({s for s in shapes if s not in (ref_attention, ref_ffn)}
-                      | {("attention", "no_op", None), ("ffn", "no_op", None)}, key=str)
+                      | {("attention", "no_op", None), ("ffn", "no_op", None)}, key=str) + [SHARED_ONLY]
     models, changed = {"parent": parent_dir}, {}
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         if parent_dir is None:  # no converted parent on disk (a bare library call): write one
             models["parent"] = save_checkpoint(parent, scratch / "parent")
         for shape in measured:
-            choices, changed[shape] = variant_choices(config, engine, shape)
+            choices, changed[shape] = (shared_only_choices(config) if shape == SHARED_ONLY
+                                       else variant_choices(config, engine, shape))
             folder = scratch / shape_name(shape)
             save_checkpoint(assemble_child(parent, choices, random_weights=True), folder)
             models[shape_name(shape)] = folder
@@ -117,23 +143,35 @@ def measure_variants_profile(parent, parent_dir: Path | None, engine, alternativ
         dd = statistics.median(v - r for v, r in zip(var.decode_s, ref.decode_s)) / steps
         delta[shape] = (dp / changed[shape], dd / changed[shape])
         raw[shape_name(shape)] = {"layers_changed": changed[shape], "parent": ref.to_dict(), "variant": var.to_dict()}
-    cost = {ref_attention: tuple(-x for x in delta[("attention", "no_op", None)]),
-            ref_ffn: tuple(-x for x in delta[("ffn", "no_op", None)])}
+    parent_rounds = [g["parent"] for g in results]
+    parent_time = (statistics.median(x for t in parent_rounds for x in t.prefill_s),
+                   statistics.median(x for t in parent_rounds for x in t.decode_s) / steps)
+    n = config.num_hidden_layers
+    attention = tuple(-x for x in delta[("attention", "no_op", None)])  # the parent's, per layer, as measured
+    ffn = tuple(-x for x in delta[("ffn", "no_op", None)])
+    # the shared-only variant is the parent less (n - 1) attentions and n FFNs: per layer, delta x changed;
+    # the shared time is what it still runs less the one attention it keeps
+    shared_only = tuple(p + d * changed[SHARED_ONLY] - a for p, d, a in zip(parent_time, delta[SHARED_ONLY], attention))
+    warnings = [f"shared {phase} time came out negative ({t:.4g} s): the rounds were disturbed (a busy machine?); "
+                "measure again on a quiet one" for phase, t in zip(PHASES, shared_only) if t < 0]
+    shared_time = tuple(max(0.0, t) for t in shared_only)
+    # one factor per phase puts the parent's sub-blocks and the shared part back at the parent's measured time
+    additivity = tuple((p - s) / (n * (a + f)) if a + f > 0 else 1.0
+                       for p, s, a, f in zip(parent_time, shared_time, attention, ffn))
+    warnings += [f"the parent's {phase} time is {k:.2f}x what its layers' no-op variants measured beside the shared "
+                 "part: the engine does not add up its layers' times, or the rounds were disturbed; the profile "
+                 "scales its layers' costs to the parent's time" for phase, k in zip(PHASES, additivity) if abs(k - 1) > 0.2]
+    for w in warnings:
+        log.warning("%s", w)
+    cost = {ref_attention: tuple(k * x for k, x in zip(additivity, attention)),
+            ref_ffn: tuple(k * x for k, x in zip(additivity, ffn))}
     for shape in measured:
+        if shape == SHARED_ONLY:
+            continue
         base = cost[ref_attention] if shape[0] == "attention" else cost[ref_ffn]
         # noise can push a nearly free block a hair below zero; a block never saves time by running
         cost[shape] = (0.0, 0.0) if shape[1] == "no_op" else tuple(max(0.0, b + d) for b, d in zip(base, delta[shape]))
-    parent_rounds = [g["parent"] for g in results]
-    parent_prefill = statistics.median(x for t in parent_rounds for x in t.prefill_s)
-    parent_decode = statistics.median(x for t in parent_rounds for x in t.decode_s) / steps
-    n = config.num_hidden_layers
-    shared = {"prefill_s": parent_prefill - n * (cost[ref_attention][0] + cost[ref_ffn][0]),
-              "decode_s": parent_decode - n * (cost[ref_attention][1] + cost[ref_ffn][1])}
-    warnings = [f"shared {phase} time came out negative ({shared[phase]:.4g} s): the per-layer differences exceed the "
-                "parent's own time, so the rounds were disturbed (a busy machine?); measure again on a quiet one"
-                for phase in ("prefill_s", "decode_s") if shared[phase] < 0]
-    for w in warnings:
-        log.warning("%s", w)
-    return {"shared": shared, "decode_steps": steps, "warnings": warnings,
+    return {"shared": dict(zip(PHASES, shared_time)), "decode_steps": steps, "warnings": warnings,
             "shapes": {s: {"prefill_s": c[0], "decode_s": c[1]} for s, c in cost.items()},
-            "parent_measured": {"prefill_s": parent_prefill, "decode_s": parent_decode}, "variants": raw}
+            "additivity": dict(zip(PHASES, additivity)),
+            "parent_measured": dict(zip(PHASES, parent_time)), "variants": raw}
