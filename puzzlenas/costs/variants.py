@@ -5,12 +5,14 @@ runs whole models, and its per-step overhead, scheduler and fused kernels are pa
 want to see. So for every shape of alternative (say "attention with 1 KV head", "FFN of 768")
 we build a *variant* of the parent in which every layer that may hold that shape holds it
 (random weights: timing only), and time it in the engine beside the unchanged parent, in turns
-(parent, variant, parent, variant, ...). Per round,
+(parent, variant, parent, variant, ...). Then
 
-    cost(shape) - cost(parent's shape) = (T_variant - T_parent) / layers changed,
+    cost(shape) - cost(parent's shape) = (median over rounds of T_variant / T_parent - 1) x T_parent / layers changed,
 
-separately for prefill and for one decode step; the median over rounds is kept. A no-op costs
-nothing by definition, which anchors the parent's own sub-block costs.
+separately for prefill and for one decode step, T_parent in the last factor being the parent's
+median over every group. Ratios, not differences in seconds: on a shared machine a whole group
+can run slower than the next, and a ratio within a round does not carry that into the cost. A
+no-op costs nothing by definition, which anchors the parent's own sub-block costs.
 
 The shared part (embedding, LM head, per-step overhead) is timed directly too: a variant with
 every sub-block a no-op but layer 0's attention (llama.cpp aborts on a model without any
@@ -134,18 +136,21 @@ def measure_variants_profile(parent, parent_dir: Path | None, engine, alternativ
         shutil.rmtree(scratch, ignore_errors=True)
     typical = statistics.median(t for g in results for t in g["parent"].total_s)
     steps = results[0]["parent"].decode_steps
+    parent_rounds = [g["parent"] for g in results]
+    parent_time = (statistics.median(x for t in parent_rounds for x in t.prefill_s),
+                   statistics.median(x for t in parent_rounds for x in t.decode_s) / steps)
     delta = {}  # shape -> per-layer change of (prefill, decode step) seconds against the parent's shape
     raw = {}
     for shape, group in zip(measured, results):
         keep = _steady_rounds(group["parent"], typical) or list(range(len(group["parent"].total_s)))
         ref, var = _select(group["parent"], keep), _select(group[shape_name(shape)], keep)
-        dp = statistics.median(v - r for v, r in zip(var.prefill_s, ref.prefill_s))
-        dd = statistics.median(v - r for v, r in zip(var.decode_s, ref.decode_s)) / steps
+        # each round's variant against the parent beside it, as a ratio, times the parent's time over
+        # all groups: a group timed while the machine ran slower (every time in it stretched alike)
+        # then changes nothing, where a difference in seconds would carry the stretch into the cost
+        dp = statistics.median(v / r - 1 for v, r in zip(var.prefill_s, ref.prefill_s)) * parent_time[0]
+        dd = statistics.median(v / r - 1 for v, r in zip(var.decode_s, ref.decode_s)) * parent_time[1]
         delta[shape] = (dp / changed[shape], dd / changed[shape])
         raw[shape_name(shape)] = {"layers_changed": changed[shape], "parent": ref.to_dict(), "variant": var.to_dict()}
-    parent_rounds = [g["parent"] for g in results]
-    parent_time = (statistics.median(x for t in parent_rounds for x in t.prefill_s),
-                   statistics.median(x for t in parent_rounds for x in t.decode_s) / steps)
     n = config.num_hidden_layers
     attention = tuple(-x for x in delta[("attention", "no_op", None)])  # the parent's, per layer, as measured
     ffn = tuple(-x for x in delta[("ffn", "no_op", None)])
