@@ -27,6 +27,7 @@ from ..library.space import Alternative, build_subblock
 from ..utils import fingerprint, median_time
 from ..workdir import CostProfile, cost_profile_file, load_artifact
 from .profile import BYTES, alternative_memory, alternative_params, profile_name, shared_memory
+from .variants import VARIANTS_METHOD
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,11 @@ def measure_profile(cfg, workdir: Path, parent, alternatives, scenario: Scenario
     device = next(parent.parameters()).device
     dtype_name = engine.serving_dtype(c.dtype)
     name = profile_name(cfg, device)
+    # the variants' method is in the key: a profile whose shared part was the parent's remainder
+    # (before the shared-only variant, costs/variants.py) is measured again, not reused
+    method = [VARIANTS_METHOD] if engine.profiles_by_variants else []
     key = fingerprint(name, dtype_name, scenario.__dict__, c.warmup, c.repeats,
-                      sorted(a.name for a in alternatives), parent.config.to_dict())
+                      sorted(a.name for a in alternatives), parent.config.to_dict(), *method)
     out_file = workdir / cost_profile_file(name)
     if out_file.is_file():
         with contextlib.suppress(PuzzleError):  # an unreadable profile is measured again

@@ -39,6 +39,8 @@ from ..library.space import Alternative
 log = logging.getLogger(__name__)
 
 
+# what a cost profile's key says of how its variants were turned into costs (costs/measure.py)
+VARIANTS_METHOD = "ratios, shared-only variant"
 PHASES = ("prefill_s", "decode_s")  # a prefill, and one decode step
 # the variant that times the shared part: every sub-block a no-op but layer 0's attention
 SHARED_ONLY = ("shared", "only", None)
