@@ -19,7 +19,7 @@ every sub-block a no-op but layer 0's attention (llama.cpp aborts on a model wit
 attention). What is left of the parent's time after the two no-op variants took their layers
 off, T_attention-no-op + T_ffn-no-op - T_parent, says the same in theory, but it is a small
 difference of three large, separately timed numbers: on runs/s12's parent it came out at 9 %
-of the parent's time in one profile and 1 % in another, and between 3 % and 31 % round by
+of the parent's time in one profile and 1 % in another, and between 2.6 % and 31 % round by
 round, where the direct variant measured 5.4-6.9 % (runs/exp18/shared_direct.py in the work
 area, 7 rounds). The parent's own sub-block costs are then scaled by one factor per phase
 (`additivity` in the profile) so that shared + layers x (attention + FFN) is the parent's
