@@ -438,8 +438,8 @@ def format_above_chance(report: dict) -> list[str]:
                 cell += f" ({row['kept'][name]:.0%} ± {row['kept_stderr'][name]:.0%})"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
-    kept = ["n/a" if v is None else f"**{v:.0%}**" + (f" ± {se:.0%}" if name != ref else "")
-            for (name, v), se in zip(summary["kept"].items(), summary["kept_stderr"].values())]
+    kept = ["n/a" if v is None else f"**{v:.0%}**" + (f" ± {summary['kept_stderr'][name]:.0%}" if name != ref else "")
+            for name, v in summary["kept"].items()]
     lines.append("| margin above chance kept | | | " + " | ".join(kept) + " |")
     lines += ["", f"Kept = (model - chance) / ({ref} - chance), averaged over "
               f"{', '.join(summary['counted']) or 'no task'}; ± its standard error (first order, the two scores "
